@@ -1,0 +1,1 @@
+"""Engine adapters: the only code that imports an inference engine. Import the submodule you need."""

@@ -1,0 +1,196 @@
+"""A chunk: the KV of one token span plus the header that proves what it is.
+
+In memory a :class:`Chunk` holds its payload as a tensor. On disk or on the
+wire it is ``encode``-d into::
+
+    b"KVTC" | u16 version | u32 header length | JSON header | payload bytes
+
+The JSON header holds the key, parent key, namespace digest, layout, codec,
+token ids, payload length and an xxh3-128 checksum of the payload. ``decode``
+checks the framing, length and checksum; :meth:`Chunk.mismatch` checks that a
+chunk is the one the caller asked for (key, tokens, namespace, layout). A
+chunk that fails either is never handed to an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from kvtier.errors import ChunkFormatError
+from kvtier.keys import ChunkKey
+from kvtier.layout import KVLayout
+
+MAGIC = b"KVTC"
+VERSION = 1
+_PREFIX = struct.Struct("<4sHI")  # magic, version, header length
+MAX_HEADER_BYTES = 1 << 20
+CODEC_RAW = "raw"
+
+
+def payload_checksum(data: memoryview | bytes) -> str:
+    """Checksum of payload bytes, as written in the header."""
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """The KV of tokens [start, start+n) of some prefix.
+
+    ``payload`` is [L, 2, H, n, D] in ``layout.dtype``, contiguous. A chunk is
+    immutable by contract: nobody writes into ``payload`` after construction,
+    so tiers and readers may share it without copying.
+    """
+
+    key: ChunkKey
+    parent: ChunkKey | None
+    namespace: bytes
+    layout: KVLayout
+    tokens: np.ndarray  # [n] uint32
+    payload: torch.Tensor
+    codec: str = CODEC_RAW
+
+    def __post_init__(self) -> None:
+        expected = self.layout.chunk_shape(len(self.tokens))
+        if tuple(self.payload.shape) != expected or self.payload.dtype != self.layout.torch_dtype:
+            raise ValueError(
+                f"payload {tuple(self.payload.shape)} {self.payload.dtype} does not match {expected} {self.layout.dtype}"
+            )
+        if not self.payload.is_contiguous():
+            raise ValueError("chunk payload must be contiguous")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this chunk occupies in memory (payload plus token ids)."""
+        return self.payload.nbytes + self.tokens.nbytes
+
+    def mismatch(self, key: ChunkKey, tokens: np.ndarray, namespace: bytes, layout: KVLayout) -> str | None:
+        """Why this chunk is not the expected one, or None if it is."""
+        if self.key != key:
+            return "key"
+        if self.namespace != namespace:
+            return "namespace"
+        if self.layout != layout:
+            return "layout"
+        if not np.array_equal(self.tokens, tokens):
+            return "tokens"
+        return None
+
+
+def _header(chunk: Chunk, payload: memoryview) -> bytes:
+    return json.dumps(
+        {
+            "key": chunk.key.hex(),
+            "parent": chunk.parent.hex() if chunk.parent is not None else None,
+            "namespace": chunk.namespace.hex(),
+            "layout": chunk.layout.to_dict(),
+            "codec": chunk.codec,
+            "tokens": chunk.tokens.tolist(),
+            "payload_len": len(payload),
+            "checksum": payload_checksum(payload),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def payload_view(chunk: Chunk) -> memoryview:
+    """The payload's bytes without copying (valid while ``chunk`` lives)."""
+    return memoryview(chunk.payload.view(torch.uint8).reshape(-1).numpy())
+
+
+def encode_header(chunk: Chunk) -> bytes:
+    """The framing and header that precede the payload bytes in an encoded chunk."""
+    header = _header(chunk, payload_view(chunk))
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header
+
+
+def encode(chunk: Chunk) -> bytes:
+    """The whole encoded chunk as one bytes object (a copy of the payload)."""
+    return encode_header(chunk) + payload_view(chunk).tobytes()
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """A parsed header; ``offset`` is where the payload starts in the encoded bytes."""
+
+    key: ChunkKey
+    parent: ChunkKey | None
+    namespace: bytes
+    layout: KVLayout
+    codec: str
+    tokens: np.ndarray
+    payload_len: int
+    checksum: str
+    offset: int
+
+
+def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
+    """Parse the header at the start of ``prefix``; raise ChunkFormatError if it is not one."""
+    if len(prefix) < _PREFIX.size:
+        raise ChunkFormatError("truncated before header")
+    magic, version, hlen = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise ChunkFormatError("bad magic")
+    if version != VERSION:
+        raise ChunkFormatError(f"unsupported chunk version {version}")
+    if hlen > MAX_HEADER_BYTES or len(prefix) < _PREFIX.size + hlen:
+        raise ChunkFormatError("truncated header")
+    try:
+        h = json.loads(bytes(prefix[_PREFIX.size : _PREFIX.size + hlen]))
+        header = ChunkHeader(
+            key=ChunkKey.from_hex(h["key"]),
+            parent=ChunkKey.from_hex(h["parent"]) if h["parent"] is not None else None,
+            namespace=bytes.fromhex(h["namespace"]),
+            layout=KVLayout.from_dict(h["layout"]),
+            codec=str(h["codec"]),
+            tokens=np.asarray(h["tokens"], dtype="<u4"),
+            payload_len=int(h["payload_len"]),
+            checksum=str(h["checksum"]),
+            offset=_PREFIX.size + hlen,
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ChunkFormatError(f"malformed header: {exc}") from exc
+    expected = len(header.tokens) * header.layout.bytes_per_token
+    if header.codec != CODEC_RAW:
+        raise ChunkFormatError(f"unsupported codec {header.codec!r}")
+    if header.payload_len != expected:
+        raise ChunkFormatError(f"payload length {header.payload_len} does not match layout ({expected})")
+    return header
+
+
+def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes) -> Chunk:
+    """Build a chunk from its header and payload bytes, verifying length and checksum.
+
+    ``payload`` must be writable memory the chunk may keep (a bytearray, or a
+    memoryview of one): the returned tensor shares it, with no copy.
+    """
+    if len(payload) != header.payload_len:
+        raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
+    if payload_checksum(payload) != header.checksum:
+        raise ChunkFormatError("payload checksum mismatch")
+    flat = torch.frombuffer(payload, dtype=header.layout.torch_dtype) if len(payload) else torch.empty(0)
+    return Chunk(
+        key=header.key,
+        parent=header.parent,
+        namespace=header.namespace,
+        layout=header.layout,
+        tokens=header.tokens,
+        payload=flat.view(header.layout.chunk_shape(len(header.tokens))),
+        codec=header.codec,
+    )
+
+
+def decode(data: bytes | bytearray) -> Chunk:
+    """Decode a whole encoded chunk (copies ``data`` if it is immutable bytes)."""
+    header = decode_header(memoryview(data)[: _PREFIX.size + MAX_HEADER_BYTES])
+    body = memoryview(data if isinstance(data, bytearray) else bytearray(data))[header.offset :]
+    return decode_payload(header, body)

@@ -1,0 +1,165 @@
+"""kvtier's one configuration: typed, nested, frozen, validated.
+
+Sources, lowest precedence first: defaults, a TOML or JSON file (``--config``
+or ``KVTIER_CONFIG``), ``KVTIER_*`` environment variables, CLI overrides.
+Nested keys use ``__`` in the environment and ``.`` on the command line::
+
+    KVTIER_L1__MAX_BYTES=4GB      kvtier demo --set l1.max_bytes=4GB
+
+Sizes accept ``4GB`` (10^9), ``4GiB`` (2^30) or plain bytes. An unknown key
+or a bad value raises :class:`~kvtier.errors.ConfigError` naming the key, the
+source it came from and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+
+from kvtier.errors import ConfigError
+
+ENV_PREFIX = "KVTIER_"
+ENV_CONFIG_FILE = "KVTIER_CONFIG"
+
+PositiveBytes = Annotated[ByteSize, Field(gt=0)]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kvtier"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class L1Config(_Frozen):
+    """CPU-memory tier."""
+
+    enabled: bool = True
+    max_bytes: PositiveBytes = ByteSize(2 * 10**9)
+
+
+class L2Config(_Frozen):
+    """Local-disk tier."""
+
+    enabled: bool = True
+    path: Path | None = Field(default=None, description="chunk directory; default <cache_dir>/chunks")
+    max_bytes: PositiveBytes = ByteSize(20 * 10**9)
+    fsync: bool = False
+
+
+class KvtierConfig(_Frozen):
+    """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
+
+    model: str = Field(default="smollm2-135m", description="known model name or a Hugging Face folder")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    chunk_size: int = Field(default=256, gt=0, le=1 << 16)
+    hash: Literal["blake3", "sha256"] = "blake3"
+    tenant: str | None = Field(default=None, min_length=1)
+    store_partial: bool = Field(default=True, description="store the trailing partial chunk of a sequence")
+    store_generated: bool = Field(default=True, description="also store the KV of generated tokens (HF adapter)")
+    write_queue_bytes: PositiveBytes = ByteSize(10**9)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    l1: L1Config = L1Config()
+    l2: L2Config = L2Config()
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self.l2.path if self.l2.path is not None else self.cache_dir / "chunks"
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origins: dict[str, str], origin: str) -> None:
+    parts = [p for p in dotted.split(".")]
+    if not all(parts):
+        raise ConfigError(f"malformed config key {dotted!r} ({origin})")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted!r} ({origin}): {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+    origins[dotted] = origin
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object at the top level")
+    return data
+
+
+def load_config(
+    file: Path | str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> KvtierConfig:
+    """Build the configuration from file, environment and overrides (that order of precedence).
+
+    ``env`` defaults to ``os.environ``; ``overrides`` maps dotted keys
+    (``"l1.max_bytes"``) to values, as the CLI's ``--set`` gives them.
+    Raises ConfigError for unknown keys, bad values or an unreadable file.
+    """
+    environ = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    path = file if file is not None else environ.get(ENV_CONFIG_FILE)
+    if path:
+        for dotted, value in _flatten(_read_file(Path(path))).items():
+            _set_dotted(tree, dotted, value, origins, f"file {path}")
+    for name, value in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG_FILE:
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(tree, dotted, value, origins, f"env {name}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value, origins, f"flag {dotted}={value}")
+    try:
+        return KvtierConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            dotted = ".".join(str(p) for p in err["loc"])
+            where = origins.get(dotted, "default")
+            reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"  {dotted}: {reason} (from {where})")
+        raise ConfigError("invalid kvtier configuration:\n" + "\n".join(problems)) from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """Turn CLI ``KEY=VALUE`` strings into an overrides mapping; malformed pairs raise ConfigError."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value
+    return out

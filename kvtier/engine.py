@@ -1,0 +1,280 @@
+"""CacheEngine: the API every engine adapter calls.
+
+``lookup`` says how much of a token sequence's prefix is cached and where;
+``retrieve`` returns that prefix's KV; ``store`` adds the chunks not yet
+cached. All three are thread-safe and never raise for an expected failure
+(a missing, evicted or corrupt chunk is a shorter hit).
+
+Chunking: sequences are cut into ``chunk_size``-token chunks at fixed
+positions (0, C, 2C, …) so every request that shares a prefix shares its
+chunks. With ``store_partial`` the trailing partial chunk is stored too, and a
+lookup that stops at position p tries every partial chunk stored at p (one
+incremental hash pass). A multi-turn chat therefore reuses its whole previous
+turn, not only the previous turn's full chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvtier.chunk import Chunk
+from kvtier.config import KvtierConfig
+from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
+from kvtier.layout import KVSource, TensorKV, assemble_layers
+from kvtier.storage import DiskBackend, MemoryBackend, StorageBackend, TierStack
+
+log = logging.getLogger(__name__)
+
+Tokens = Sequence[int] | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """How many prefix tokens are cached, and how many of them each tier holds."""
+
+    num_tokens: int
+    tier_tokens: Mapping[str, int]
+    _plan: tuple[tuple[ChunkSpan, int], ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def tiers(self) -> str:
+        """A short human description, e.g. ``"cpu:2048+disk:1024"`` or ``"none"``."""
+        return "+".join(f"{t}:{n}" for t, n in self.tier_tokens.items() if n) or "none"
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """KV of the longest available prefix.
+
+    ``layers[l]`` is [2, H, num_tokens, D] (K then V) in the layout's dtype;
+    the caller owns it (or it is a view into the caller's ``out``).
+    """
+
+    num_tokens: int
+    layers: list[torch.Tensor]
+    tier_tokens: Mapping[str, int]
+
+    @property
+    def tiers(self) -> str:
+        return "+".join(f"{t}:{n}" for t, n in self.tier_tokens.items() if n) or "none"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What a ``store`` call did: chunks written, already present, refused by a full tier."""
+
+    stored_chunks: int
+    skipped_chunks: int
+    stored_tokens: int
+    rejected_chunks: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters since the engine was created."""
+
+    lookups: int
+    retrieves: int
+    hit_tokens: Mapping[str, int]
+    query_tokens: int
+    stored_chunks: int
+    skipped_chunks: int
+    invalid_chunks: Mapping[str, int]
+    dropped_writes: int
+    write_errors: int
+
+
+class CacheEngine:
+    """Prefix KV cache over a :class:`TierStack`, for one namespace (model + layout + tenant)."""
+
+    def __init__(
+        self, namespace: Namespace, tiers: TierStack, *, chunk_size: int = 256, store_partial: bool = True
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        self.namespace = namespace
+        self.layout = namespace.layout
+        self.tiers = tiers
+        self.chunk_size = chunk_size
+        self.store_partial = store_partial
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._hits: Counter[str] = Counter()
+        self._invalid: Counter[str] = Counter()
+
+    @classmethod
+    def from_config(cls, config: KvtierConfig, namespace: Namespace) -> CacheEngine:
+        """An engine with the tiers ``config`` enables (not started: call ``start`` or use ``with``)."""
+        backends: list[StorageBackend] = []
+        if config.l1.enabled:
+            backends.append(MemoryBackend(int(config.l1.max_bytes)))
+        if config.l2.enabled:
+            backends.append(DiskBackend(config.chunk_dir, int(config.l2.max_bytes), fsync=config.l2.fsync))
+        if not backends:
+            raise ValueError("at least one tier (l1 or l2) must be enabled")
+        tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes))
+        return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
+
+    def start(self) -> CacheEngine:
+        self.tiers.start()
+        return self
+
+    def close(self) -> None:
+        """Flush pending writes and close the tiers."""
+        self.tiers.close()
+
+    def __enter__(self) -> CacheEngine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for write-behind to the lower tiers; False on timeout."""
+        return self.tiers.flush(timeout)
+
+    # -- lookup / retrieve -------------------------------------------------------------------------------------
+
+    def _plan(self, tokens: np.ndarray) -> list[tuple[ChunkSpan, int]]:
+        spans = chunk_spans(self.namespace, tokens, self.chunk_size)
+        plan: list[tuple[ChunkSpan, int]] = []
+        for span, where in zip(spans, self.tiers.locate([s.key for s in spans]), strict=True):
+            if where is None:
+                break
+            plan.append((span, where))
+        start = len(plan) * self.chunk_size
+        tail_end = min(len(tokens), start + self.chunk_size - 1)
+        if self.store_partial and tail_end > start:
+            parent = plan[-1][0].key if plan else None
+            candidates = list(partial_keys(self.namespace, parent, tokens[:tail_end], start))
+            for span, where in zip(candidates, self.tiers.locate([c.key for c in candidates]), strict=True):
+                if where is not None:
+                    plan.append((span, where))
+                    break
+        return plan
+
+    def _tier_tokens(self, plan: Sequence[tuple[ChunkSpan, int]], limit: int) -> dict[str, int]:
+        counts = dict.fromkeys(self.tiers.names, 0)
+        for span, where in plan:
+            counts[self.tiers.names[where]] += max(0, min(span.end, limit) - span.start)
+        return counts
+
+    def lookup(self, tokens: Tokens, *, max_tokens: int | None = None) -> LookupResult:
+        """How many leading tokens of ``tokens`` (at most ``max_tokens``) can be retrieved, and from where.
+
+        Reads only the tiers' in-memory indexes; changes no recency. A later
+        ``retrieve`` may still return fewer tokens if a chunk is evicted or
+        proves corrupt in between.
+        """
+        arr = _tokens(tokens)
+        limit = len(arr) if max_tokens is None else max(0, min(max_tokens, len(arr)))
+        plan = self._plan(arr)
+        n = min(limit, plan[-1][0].end if plan else 0)
+        with self._lock:
+            self._counts["lookups"] += 1
+        return LookupResult(n, self._tier_tokens(plan, n), tuple(plan))
+
+    def retrieve(
+        self, tokens: Tokens, *, max_tokens: int | None = None, out: Sequence[torch.Tensor] | None = None
+    ) -> RetrieveResult:
+        """KV for the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
+
+        Every chunk is checked against the expected key, token ids, namespace
+        and layout; the first chunk that is missing or wrong ends the prefix
+        (a wrong one is counted, logged and discarded from all tiers). Chunks
+        read from a lower tier are promoted to the tiers above. With ``out``
+        (per layer, a [2, H, >=N, D] tensor) the KV is copied there; otherwise
+        new tensors are allocated. Blocks on tier reads.
+        """
+        arr = _tokens(tokens)
+        limit = len(arr) if max_tokens is None else max(0, min(max_tokens, len(arr)))
+        plan = [(s, w) for s, w in self._plan(arr) if s.start < limit]
+        chunks = self.tiers.get([s.key for s, _ in plan], [w for _, w in plan]) if plan else []
+        valid: list[tuple[ChunkSpan, int, Chunk]] = []
+        for (span, where), chunk in zip(plan, chunks, strict=True):
+            if chunk is None:
+                self._count_invalid("unreadable")
+                break
+            why = chunk.mismatch(span.key, arr[span.start : span.end], self.namespace.digest, self.layout)
+            if why is not None:
+                log.warning("chunk %s from %s rejected: %s mismatch", span.key.hex()[:16], self.tiers.names[where], why)
+                self._count_invalid(why)
+                self.tiers.discard(span.key)
+                break
+            valid.append((span, where, chunk))
+        for source in sorted({w for _, w, _ in valid if w > 0}):
+            self.tiers.promote([c for _, w, c in valid if w == source], source)
+        n = min(limit, valid[-1][0].end if valid else 0)
+        layers = assemble_layers([c.payload for _, _, c in valid], self.layout, n, out) if n else []
+        tier_tokens = self._tier_tokens([(s, w) for s, w, _ in valid], n)
+        with self._lock:
+            self._counts["retrieves"] += 1
+            self._counts["query_tokens"] += limit
+            self._hits.update(tier_tokens)
+        return RetrieveResult(n, layers, tier_tokens)
+
+    def _count_invalid(self, reason: str) -> None:
+        with self._lock:
+            self._invalid[reason] += 1
+
+    # -- store -------------------------------------------------------------------------------------------------
+
+    def store(self, tokens: Tokens, kv: KVSource | torch.Tensor) -> StoreResult:
+        """Store the chunks of ``tokens`` that no tier holds yet; skip the rest.
+
+        ``kv`` covers the first ``kv.num_tokens`` tokens (a [L, 2, H, N, D]
+        tensor or any :class:`KVSource`); chunks beyond it are not stored.
+        KV is copied out of ``kv`` before this returns, so the caller may
+        reuse its memory. The top tier is written now, lower tiers in the
+        background (a full write queue drops those writes, counted).
+        """
+        arr = _tokens(tokens)
+        source = TensorKV(kv, self.layout) if isinstance(kv, torch.Tensor) else kv
+        n = min(len(arr), source.num_tokens)
+        spans = chunk_spans(self.namespace, arr[:n], self.chunk_size)
+        full_end = len(spans) * self.chunk_size
+        if self.store_partial and n > full_end:
+            parent = spans[-1].key if spans else None
+            spans.append(next(partial_keys(self.namespace, parent, arr[:n], full_end)))
+        where = self.tiers.locate([s.key for s in spans])
+        new = [s for s, w in zip(spans, where, strict=True) if w is None]
+        chunks = [
+            Chunk(s.key, s.parent, self.namespace.digest, self.layout, arr[s.start : s.end].copy(), source.gather(s.start, s.end))
+            for s in new
+        ]
+        accepted = self.tiers.put(chunks)
+        with self._lock:
+            self._counts["stored_chunks"] += len(chunks)
+            self._counts["skipped_chunks"] += len(spans) - len(new)
+        return StoreResult(len(chunks), len(spans) - len(new), sum(s.num_tokens for s in new), len(chunks) - accepted)
+
+    # -- inspection --------------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                lookups=self._counts["lookups"],
+                retrieves=self._counts["retrieves"],
+                hit_tokens=dict(self._hits),
+                query_tokens=self._counts["query_tokens"],
+                stored_chunks=self._counts["stored_chunks"],
+                skipped_chunks=self._counts["skipped_chunks"],
+                invalid_chunks=dict(self._invalid),
+                dropped_writes=self.tiers.dropped_writes,
+                write_errors=self.tiers.write_errors,
+            )
+
+
+def _tokens(tokens: Tokens) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        tokens = tokens.detach().cpu().numpy()
+    return as_token_array(tokens)

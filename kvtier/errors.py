@@ -1,0 +1,22 @@
+"""The exceptions of kvtier's public API.
+
+Expected conditions (a miss, a corrupt chunk, a full queue) are not exceptions:
+they come back as typed results and counters. Exceptions are for misuse
+(``ValueError``/``ConfigError``) and for failures the caller must act on.
+"""
+
+
+class KvtierError(Exception):
+    """Base class of every exception kvtier raises on purpose."""
+
+
+class ConfigError(KvtierError, ValueError):
+    """A configuration value, file or flag is invalid; the message says which and why."""
+
+
+class ModelError(KvtierError):
+    """A model could not be found, converted or loaded."""
+
+
+class ChunkFormatError(KvtierError):
+    """Bytes that claim to be a chunk are not a valid chunk (bad magic, header, length or checksum)."""

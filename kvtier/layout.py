@@ -1,0 +1,198 @@
+"""KV layouts: what a chunk's payload looks like, and conversions from engine tensors.
+
+kvtier's canonical chunk payload is one contiguous tensor per chunk::
+
+    chunk: [L, 2, H, T, D]   # layers, (key, value), kv heads, tokens, head dim
+
+and a retrieved prefix is handed back per layer::
+
+    layer l: [2, H, N, D]    # N = number of prefix tokens
+
+so each layer's K and V are contiguous ``[H, N, D]`` views, which is what
+both Hugging Face (``[B, H, N, D]``) and a paged engine's per-layer copy want.
+Nothing here imports an inference engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """Shape and dtype of a model's attention KV, independent of any engine.
+
+    Part of every chunk's namespace: chunks of different layouts never mix.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"KVLayout.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V for one token across all layers."""
+        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+    def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
+        """Shape of a chunk payload holding ``num_tokens`` tokens: [L, 2, H, T, D]."""
+        return (self.num_layers, 2, self.num_kv_heads, num_tokens, self.head_dim)
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int | str]) -> KVLayout:
+        return cls(
+            num_layers=int(data["num_layers"]),
+            num_kv_heads=int(data["num_kv_heads"]),
+            head_dim=int(data["head_dim"]),
+            dtype=str(data["dtype"]),
+        )
+
+    @classmethod
+    def from_torch_dtype(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVLayout:
+        names = {v: k for k, v in _DTYPES.items()}
+        if dtype not in names:
+            raise ValueError(f"unsupported KV dtype {dtype}; supported: {sorted(_DTYPES)}")
+        return cls(num_layers, num_kv_heads, head_dim, names[dtype])
+
+
+@runtime_checkable
+class KVSource(Protocol):
+    """KV of a token sequence in some engine's memory, readable chunk by chunk."""
+
+    @property
+    def num_tokens(self) -> int:
+        """How many leading tokens of the sequence have KV here."""
+        ...
+
+    def gather(self, start: int, end: int) -> torch.Tensor:
+        """A new contiguous [L, 2, H, end-start, D] tensor with the KV of tokens [start, end).
+
+        The result is owned by the caller and shares no memory with the engine.
+        """
+        ...
+
+
+class LayerKV:
+    """A :class:`KVSource` over per-layer K and V tensors of shape [H, N, D].
+
+    This is the shape of a Hugging Face cache layer with the batch dim removed.
+    The tensors are read, never modified.
+    """
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], layout: KVLayout) -> None:
+        if len(keys) != layout.num_layers or len(values) != layout.num_layers:
+            raise ValueError(f"expected {layout.num_layers} layers of K and V, got {len(keys)} and {len(values)}")
+        lengths = {t.shape[1] for t in (*keys, *values)}
+        if len(lengths) != 1:
+            raise ValueError(f"K/V tensors disagree on token count: {sorted(lengths)}")
+        expected = (layout.num_kv_heads, layout.head_dim)
+        for t in (*keys, *values):
+            if t.dim() != 3 or (t.shape[0], t.shape[2]) != expected:
+                raise ValueError(f"K/V tensor of shape {tuple(t.shape)} does not match [H={expected[0]}, N, D={expected[1]}]")
+        self._keys = keys
+        self._values = values
+        self._layout = layout
+        self._num_tokens = lengths.pop()
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    def gather(self, start: int, end: int) -> torch.Tensor:
+        if not 0 <= start < end <= self._num_tokens:
+            raise ValueError(f"token range [{start}, {end}) outside [0, {self._num_tokens})")
+        out = torch.empty(self._layout.chunk_shape(end - start), dtype=self._layout.torch_dtype)
+        for layer, (k, v) in enumerate(zip(self._keys, self._values, strict=True)):
+            out[layer, 0].copy_(k[:, start:end])  # [H, T, D]
+            out[layer, 1].copy_(v[:, start:end])
+        return out
+
+
+class TensorKV:
+    """A :class:`KVSource` over one [L, 2, H, N, D] tensor (kvtier's own layout)."""
+
+    def __init__(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        if kv.dim() != 5 or tuple(kv.shape[:3]) != layout.chunk_shape(0)[:3] or kv.shape[4] != layout.head_dim:
+            raise ValueError(f"KV tensor of shape {tuple(kv.shape)} does not match layout [L, 2, H, N, D] of {layout}")
+        self._kv = kv
+        self._layout = layout
+
+    @property
+    def num_tokens(self) -> int:
+        return self._kv.shape[3]
+
+    def gather(self, start: int, end: int) -> torch.Tensor:
+        if not 0 <= start < end <= self.num_tokens:
+            raise ValueError(f"token range [{start}, {end}) outside [0, {self.num_tokens})")
+        return self._kv[:, :, :, start:end].to(self._layout.torch_dtype, copy=True).contiguous()
+
+
+def assemble_layers(
+    chunks: Sequence[torch.Tensor], layout: KVLayout, num_tokens: int, out: Sequence[torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """Concatenate chunk payloads [L, 2, H, T_i, D] into per-layer [2, H, num_tokens, D] tensors.
+
+    ``num_tokens`` may cut the last chunk short. With ``out`` (one caller-owned
+    [2, H, >=num_tokens, D] tensor per layer) the result are views into ``out``
+    and nothing is allocated; otherwise new tensors are returned.
+    """
+    if out is not None:
+        if len(out) != layout.num_layers:
+            raise ValueError(f"out must hold {layout.num_layers} layer tensors, got {len(out)}")
+        for t in out:
+            if t.dim() != 4 or t.shape[0] != 2 or t.shape[2] < num_tokens or t.dtype != layout.torch_dtype:
+                raise ValueError(f"out tensor {tuple(t.shape)} {t.dtype} cannot hold [2, H, {num_tokens}, D] of {layout.dtype}")
+    pieces: list[torch.Tensor] = []
+    remaining = num_tokens
+    for chunk in chunks:
+        take = min(remaining, chunk.shape[3])
+        pieces.append(chunk if take == chunk.shape[3] else chunk[:, :, :, :take])
+        remaining -= take
+        if remaining == 0:
+            break
+    if remaining:
+        raise ValueError(f"chunks hold {num_tokens - remaining} tokens, {num_tokens} requested")
+    layers = []
+    for layer in range(layout.num_layers):
+        parts = [p[layer] for p in pieces]  # each [2, H, T_i, D]
+        if out is None:
+            layers.append(torch.cat(parts, dim=2))
+        else:
+            offset = 0
+            for part in parts:
+                out[layer][:, :, offset : offset + part.shape[2]].copy_(part)
+                offset += part.shape[2]
+            layers.append(out[layer][:, :, :num_tokens])
+    return layers

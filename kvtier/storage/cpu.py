@@ -1,0 +1,99 @@
+"""L1: chunks in this process's CPU memory, within a byte budget that is never exceeded."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from kvtier.chunk import Chunk
+from kvtier.eviction import PrefixLRU
+from kvtier.keys import ChunkKey
+from kvtier.storage.base import BackendStats
+
+
+class MemoryBackend:
+    """Holds :class:`Chunk` objects by reference (no copy, no serialization).
+
+    Data in process memory is trusted: it entered through ``put`` from the
+    engine or from a lower tier that verified its checksum, so ``get`` does
+    not re-checksum. The budget counts payload and token bytes.
+    """
+
+    def __init__(self, max_bytes: int, name: str = "cpu") -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.name = name
+        self.max_bytes = max_bytes
+        self._chunks: dict[ChunkKey, Chunk] = {}
+        self._lru = PrefixLRU()
+        self._lock = threading.Lock()
+        self._evictions = 0
+        self._rejected = 0
+
+    def start(self) -> None:
+        pass
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [k in self._chunks for k in keys]
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
+        with self._lock:
+            found = [self._chunks.get(k) for k in keys]
+            self._lru.touch([k for k, c in zip(keys, found, strict=True) if c is not None])
+            return found
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        results = []
+        with self._lock:
+            for chunk in chunks:
+                results.append(self._put_one(chunk))
+        return results
+
+    def _put_one(self, chunk: Chunk) -> bool:
+        if chunk.key in self._chunks:
+            self._lru.add(chunk.key, chunk.parent, chunk.nbytes)  # touch
+            return True
+        self._lru.add(chunk.key, chunk.parent, chunk.nbytes)
+        victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key])
+        if victims is None:
+            self._lru.remove(chunk.key)
+            self._rejected += 1
+            return False
+        for victim in victims:
+            self._lru.remove(victim)
+            del self._chunks[victim]
+        self._evictions += len(victims)
+        self._chunks[chunk.key] = chunk
+        assert self._lru.used_bytes <= self.max_bytes
+        return True
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        with self._lock:
+            removed = 0
+            for k in keys:
+                if self._chunks.pop(k, None) is not None:
+                    self._lru.remove(k)
+                    removed += 1
+            return removed
+
+    def clear(self) -> int:
+        with self._lock:
+            n = len(self._chunks)
+            self._chunks.clear()
+            self._lru = PrefixLRU()
+            return n
+
+    def keys_lru_order(self) -> list[ChunkKey]:
+        """Keys from least to most recently used (for inspection and tests)."""
+        with self._lock:
+            return list(self._lru)
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            return BackendStats(
+                self.name, len(self._chunks), self._lru.used_bytes, self.max_bytes, self._evictions, self._rejected, 0
+            )
+
+    def close(self) -> None:
+        self.clear()

@@ -1,0 +1,281 @@
+"""L2: chunks as files in a local directory, within a byte budget, surviving restarts.
+
+Files live at ``<root>/<k[:2]>/<key hex>.<parent hex or "root">.kvc`` so the
+index (key, parent, size, recency = mtime) comes back from a directory scan
+without opening any file. Writes go to ``<root>/.tmp`` and are renamed into
+place, so a torn write is never seen under a chunk's name. Every read checks
+the framing, the file's key, its length and the payload checksum; a file that
+fails is deleted and counted, and the read is a miss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtier.chunk import Chunk, ChunkHeader, decode_header, decode_payload, encode_header, payload_view
+from kvtier.errors import ChunkFormatError
+from kvtier.eviction import PrefixLRU
+from kvtier.keys import ChunkKey
+from kvtier.storage.base import BackendStats
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".kvc"
+_ROOT_PARENT = "root"
+_HEAD_READ = 1 << 16
+
+
+class DiskBackend:
+    """A directory of chunk files. Thread-safe; file I/O runs outside the index lock."""
+
+    def __init__(self, root: Path, max_bytes: int, *, fsync: bool = False, name: str = "disk") -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.name = name
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self._lru = PrefixLRU()
+        self._parents: dict[ChunkKey, ChunkKey | None] = {}
+        self._pending: set[ChunkKey] = set()  # reserved in the index, file not yet in place
+        self._lock = threading.Lock()
+        self._started = False
+        self._evictions = 0
+        self._rejected = 0
+        self._corrupt = 0
+
+    # -- paths -------------------------------------------------------------------------------------------------
+
+    def _path(self, key: ChunkKey, parent: ChunkKey | None) -> Path:
+        h = key.hex()
+        return self.root / h[:2] / f"{h}.{parent.hex() if parent is not None else _ROOT_PARENT}{_SUFFIX}"
+
+    def _path_of(self, key: ChunkKey) -> Path:
+        return self._path(key, self._parents[key])
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the directory if needed and rebuild the index from the files there."""
+        with self._lock:
+            if self._started:
+                return
+            (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+            for stale in (self.root / ".tmp").iterdir():
+                stale.unlink(missing_ok=True)
+            found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
+            for sub in os.scandir(self.root):
+                if not sub.is_dir() or len(sub.name) != 2:
+                    continue
+                for entry in os.scandir(sub.path):
+                    parsed = _parse_name(entry.name)
+                    if parsed is None:
+                        continue
+                    st = entry.stat()
+                    found.append((st.st_mtime_ns, parsed[0], parsed[1], st.st_size))
+            for _, key, parent, size in sorted(found, key=lambda f: f[0]):
+                self._lru.add(key, parent, size)
+                self._parents[key] = parent
+            victims = self._lru.plan_eviction(0, self.max_bytes) or []
+            paths = [self._forget(v) for v in victims]
+            self._started = True
+        for p in paths:
+            p.unlink(missing_ok=True)
+        log.info("disk tier %s: %d chunks, %d bytes indexed", self.root, len(self._lru), self._lru.used_bytes)
+
+    def close(self) -> None:
+        with self._lock:
+            self._started = False
+
+    # -- index helpers (lock held) -----------------------------------------------------------------------------
+
+    def _forget(self, key: ChunkKey) -> Path:
+        path = self._path_of(key)
+        self._lru.remove(key)
+        del self._parents[key]
+        return path
+
+    def _present(self, key: ChunkKey) -> bool:
+        return key in self._lru and key not in self._pending
+
+    # -- protocol ----------------------------------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        with self._lock:
+            return [self._present(k) for k in keys]
+
+    def get(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
+        with self._lock:
+            paths = [self._path_of(k) if self._present(k) else None for k in keys]
+        found: list[Chunk | None] = []
+        for key, path in zip(keys, paths, strict=True):
+            found.append(self._read(key, path) if path is not None else None)
+        hits = [k for k, c in zip(keys, found, strict=True) if c is not None]
+        with self._lock:
+            self._lru.touch(hits)
+            now = time.time_ns()
+            for i, key in enumerate(reversed(hits)):  # ancestors get the later mtime, as in the LRU
+                if self._present(key):
+                    _touch_file(self._path_of(key), now + i)
+        return found
+
+    def _read(self, key: ChunkKey, path: Path) -> Chunk | None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                head = f.read(_HEAD_READ)
+                header = decode_header(head)
+                if header.key != key:
+                    raise ChunkFormatError("file holds another key")
+                size = os.fstat(f.fileno()).st_size
+                if size != header.offset + header.payload_len:
+                    raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
+                payload = _read_payload(f, head, header)
+            return decode_payload(header, payload)
+        except FileNotFoundError:
+            self._drop(key, path, "file vanished")
+        except (ChunkFormatError, OSError) as exc:
+            self._drop(key, path, str(exc))
+        return None
+
+    def _drop(self, key: ChunkKey, path: Path, reason: str) -> None:
+        log.warning("disk tier: dropping chunk %s: %s", key.hex()[:16], reason)
+        with self._lock:
+            self._corrupt += 1
+            if self._present(key):
+                self._forget(key)
+        path.unlink(missing_ok=True)
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        return [self._put_one(c) for c in chunks]
+
+    def _put_one(self, chunk: Chunk) -> bool:
+        header = encode_header(chunk)
+        payload = payload_view(chunk)
+        size = len(header) + len(payload)
+        with self._lock:
+            if chunk.key in self._lru:
+                self._lru.touch([chunk.key])
+                return True
+            self._lru.add(chunk.key, chunk.parent, size)
+            self._parents[chunk.key] = chunk.parent
+            victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key])
+            if victims is None:
+                self._forget(chunk.key)
+                self._rejected += 1
+                return False
+            self._pending.add(chunk.key)
+            doomed = [self._forget(v) for v in victims]
+            self._evictions += len(victims)
+        for p in doomed:
+            p.unlink(missing_ok=True)
+        path = self._path(chunk.key, chunk.parent)
+        tmp = self.root / ".tmp" / f"{chunk.key.hex()}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("disk tier: write of %s failed: %s", chunk.key.hex()[:16], exc)
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._pending.discard(chunk.key)
+                if chunk.key in self._lru:
+                    self._forget(chunk.key)
+                self._rejected += 1
+            return False
+        with self._lock:
+            self._pending.discard(chunk.key)
+        return True
+
+    def delete(self, keys: Sequence[ChunkKey]) -> int:
+        with self._lock:
+            paths = [self._forget(k) for k in keys if self._present(k)]
+        for p in paths:
+            p.unlink(missing_ok=True)
+        return len(paths)
+
+    def clear(self) -> int:
+        with self._lock:
+            keys = [k for k in self._lru if k not in self._pending]
+        return self.delete(keys)
+
+    def files(self) -> list[Path]:
+        """Paths of all indexed chunk files, least recently used first."""
+        with self._lock:
+            return [self._path_of(k) for k in self._lru if k not in self._pending]
+
+    def keys_lru_order(self) -> list[ChunkKey]:
+        with self._lock:
+            return [k for k in self._lru if k not in self._pending]
+
+    def drop_page_cache(self) -> int:
+        """Ask the kernel to drop the chunk files from the page cache (for cold-read measurements)."""
+        dropped = 0
+        for path in self.files():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                dropped += 1
+            finally:
+                os.close(fd)
+        return dropped
+
+    def stats(self) -> BackendStats:
+        with self._lock:
+            return BackendStats(
+                self.name,
+                len(self._lru) - len(self._pending),
+                self._lru.used_bytes,
+                self.max_bytes,
+                self._evictions,
+                self._rejected,
+                self._corrupt,
+            )
+
+
+def _parse_name(name: str) -> tuple[ChunkKey, ChunkKey | None] | None:
+    if not name.endswith(_SUFFIX):
+        return None
+    parts = name[: -len(_SUFFIX)].split(".")
+    if len(parts) != 2:
+        return None
+    try:
+        key = ChunkKey.from_hex(parts[0])
+        parent = None if parts[1] == _ROOT_PARENT else ChunkKey.from_hex(parts[1])
+    except ValueError:
+        return None
+    return key, parent
+
+
+def _read_payload(f, head: bytes, header: ChunkHeader) -> bytearray:  # noqa: ANN001 - a raw binary file
+    buf = bytearray(header.payload_len)
+    view = memoryview(buf)
+    already = head[header.offset : header.offset + header.payload_len]
+    view[: len(already)] = already
+    pos = len(already)
+    while pos < len(buf):
+        n = f.readinto(view[pos:])
+        if not n:
+            raise ChunkFormatError("file truncated")
+        pos += n
+    return buf
+
+
+def _touch_file(path: Path, mtime_ns: int) -> None:
+    try:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+    except OSError:
+        pass

@@ -1,0 +1,181 @@
+"""The tier stack: L1 -> L2 (-> L3), with promotion and bounded write-behind.
+
+* ``put`` writes the first tier synchronously and queues the chunks for the
+  lower tiers on one background writer thread. The queue is bounded in bytes:
+  when it is full the write is dropped and counted, never waited for, so a
+  slow disk cannot stall inference.
+* ``locate`` answers from the tiers' in-memory indexes, top tier first.
+* ``promote`` copies chunks found in a lower tier into the tiers above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kvtier.chunk import Chunk
+from kvtier.keys import ChunkKey
+from kvtier.storage.base import BackendStats, StorageBackend
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _WriteJob:
+    chunks: tuple[Chunk, ...]
+    tiers: tuple[int, ...]
+    nbytes: int
+
+
+_STOP = object()
+
+
+class TierStack:
+    """An ordered list of backends, fastest first. Thread-safe."""
+
+    def __init__(self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int) -> None:
+        if not tiers:
+            raise ValueError("a TierStack needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be unique, got {names}")
+        self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
+        self.write_queue_bytes = write_queue_bytes
+        self._queue: queue.Queue[_WriteJob | object] = queue.Queue()
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._dropped_writes = 0
+        self._write_errors = 0
+        self._writer: threading.Thread | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tiers]
+
+    def start(self) -> None:
+        """Start every backend and the writer thread. Idempotent."""
+        for t in self.tiers:
+            t.start()
+        if self._writer is None and len(self.tiers) > 1:
+            self._writer = threading.Thread(target=self._write_loop, name="kvtier-write-behind", daemon=True)
+            self._writer.start()
+
+    def close(self) -> None:
+        """Finish queued writes, stop the writer and close every backend."""
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            self._writer.join()
+            self._writer = None
+        for t in self.tiers:
+            t.close()
+
+    def __enter__(self) -> TierStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads -------------------------------------------------------------------------------------------------
+
+    def locate(self, keys: Sequence[ChunkKey]) -> list[int | None]:
+        """For each key, the index of the highest tier holding it, or None."""
+        where: list[int | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for ti, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            present = tier.contains([keys[i] for i in todo])
+            for i, ok in zip(todo, present, strict=True):
+                if ok:
+                    where[i] = ti
+            todo = [i for i in todo if where[i] is None]
+        return where
+
+    def get(self, keys: Sequence[ChunkKey], where: Sequence[int]) -> list[Chunk | None]:
+        """Fetch each key from the tier ``where`` says holds it (one batched call per tier)."""
+        found: list[Chunk | None] = [None] * len(keys)
+        for ti, tier in enumerate(self.tiers):
+            idx = [i for i, w in enumerate(where) if w == ti]
+            if idx:
+                for i, chunk in zip(idx, tier.get([keys[i] for i in idx]), strict=True):
+                    found[i] = chunk
+        return found
+
+    def discard(self, key: ChunkKey) -> None:
+        """Remove a key from every tier (used when a chunk proves to be wrong)."""
+        for t in self.tiers:
+            t.delete([key])
+
+    # -- writes ------------------------------------------------------------------------------------------------
+
+    def put(self, chunks: Sequence[Chunk]) -> int:
+        """Store new chunks: the top tier now, lower tiers in the background. Returns chunks accepted by the top tier."""
+        if not chunks:
+            return 0
+        accepted = sum(self.tiers[0].put(chunks))
+        self._enqueue(chunks, tuple(range(1, len(self.tiers))))
+        return accepted
+
+    def promote(self, chunks: Sequence[Chunk], source_tier: int) -> None:
+        """Copy chunks read from ``source_tier`` into the tiers above it (top tier synchronously)."""
+        if source_tier <= 0 or not chunks:
+            return
+        self.tiers[0].put(chunks)
+        self._enqueue(chunks, tuple(range(1, source_tier)))
+
+    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> None:
+        if not tiers:
+            return
+        nbytes = sum(c.nbytes for c in chunks)
+        with self._lock:
+            if self._queued_bytes + nbytes > self.write_queue_bytes:
+                self._dropped_writes += len(chunks)
+                log.warning("write-behind queue full: dropped %d chunks for %s", len(chunks), self.names[1:])
+                return
+            self._queued_bytes += nbytes
+            self._in_flight += 1
+        self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes))
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is _STOP:
+                return
+            assert isinstance(job, _WriteJob)
+            for ti in job.tiers:
+                try:
+                    self.tiers[ti].put(job.chunks)
+                except Exception:  # a failing tier must not kill the writer; it is counted and logged
+                    log.exception("write-behind to %s failed", self.tiers[ti].name)
+                    with self._lock:
+                        self._write_errors += 1
+            with self._lock:
+                self._queued_bytes -= job.nbytes
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Block until queued writes are done; False if ``timeout`` passed first."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    # -- inspection --------------------------------------------------------------------------------------------
+
+    def stats(self) -> list[BackendStats]:
+        return [t.stats() for t in self.tiers]
+
+    @property
+    def dropped_writes(self) -> int:
+        with self._lock:
+            return self._dropped_writes
+
+    @property
+    def write_errors(self) -> int:
+        with self._lock:
+            return self._write_errors
