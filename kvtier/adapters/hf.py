@@ -179,8 +179,23 @@ class CachedModel:
         return Generation(out.sequences, n_prompt, hit.num_tokens, dict(hit.tier_tokens), ttft, total, stored, out)
 
     def _store(self, sequence: torch.Tensor, cache: DynamicCache, n_prompt: int) -> StoreResult:
+        """Store the prompt's chunks, then (with ``store_generated``) those of prompt + answer.
+
+        The prompt is stored on its own first so that its trailing partial chunk
+        exists too: a repeat of the same prompt then reuses all of it, while the
+        longer partial chunk serves the next turn of a chat.
+        """
         cached = cache.get_seq_length()
-        n = cached if self.store_generated else min(cached, n_prompt)
-        keys = [layer.keys[0, :, :n] for layer in cache.layers]  # [H, n, D]
-        values = [layer.values[0, :, :n] for layer in cache.layers]
-        return self.engine.store(sequence[:n], LayerKV(keys, values, self.engine.layout))
+        keys = [layer.keys[0] for layer in cache.layers]  # [H, cached, D]
+        values = [layer.values[0] for layer in cache.layers]
+        source = LayerKV(keys, values, self.engine.layout)
+        result = self.engine.store(sequence[: min(n_prompt, cached)], source)
+        if self.store_generated and cached > n_prompt:
+            more = self.engine.store(sequence[:cached], source)
+            result = StoreResult(
+                result.stored_chunks + more.stored_chunks,
+                more.skipped_chunks,
+                result.stored_tokens + more.stored_tokens,
+                result.rejected_chunks + more.rejected_chunks,
+            )
+        return result

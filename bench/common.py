@@ -1,0 +1,210 @@
+"""Helpers shared by the kvtier benchmarks: real text, memory bandwidth, page-cache residency, machine info.
+
+Nothing here downloads anything or ships text of its own: the benchmark text is
+read from files every Debian machine (and every CPython install) already has.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import platform
+import sys
+import sysconfig
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from statistics import median
+
+import torch
+
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+def text_sources() -> list[Path]:
+    """Real English text available offline: the GPL-3 (Debian), then CPython's LICENSE.txt."""
+    candidates = [GPL3, Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"]
+    return [p for p in candidates if p.is_file()]
+
+
+def real_tokens(tokenizer, min_tokens: int) -> tuple[list[int], list[str]]:  # noqa: ANN001 - any HF tokenizer
+    """At least ``min_tokens`` token ids of real English text, tokenized once.
+
+    Texts from :func:`text_sources` are concatenated in order (cycling through
+    them again only if all of them together are still too short). Returns the
+    ids and the names of the files used.
+    """
+    sources = text_sources()
+    if not sources:
+        raise RuntimeError("no offline text found (neither /usr/share/common-licenses/GPL-3 nor the stdlib LICENSE.txt)")
+    texts: list[str] = []
+    used: list[str] = []
+    # Cheap over-estimate of what is needed: ~3 characters per token for English with a BPE vocabulary.
+    i = 0
+    while True:
+        path = sources[i % len(sources)]
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        used.append(str(path))
+        i += 1
+        if sum(len(t) for t in texts) >= 3 * min_tokens or i >= 64:
+            ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+            if len(ids) >= min_tokens:
+                return list(ids), used
+            if i >= 64:
+                raise RuntimeError(f"could not assemble {min_tokens} tokens of text (got {len(ids)})")
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, tries: int = 5) -> tuple[float, float]:
+    """Memory-copy bandwidth in bytes/s: ``dst.copy_(src)`` of warm float32 tensors, best of ``tries``.
+
+    Bytes counted once (what is copied), not read + write. Returns (bytes_per_s, best_seconds).
+    """
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32)
+    dst = torch.empty(n, dtype=torch.float32)
+    src.uniform_()  # touch every page of both
+    dst.zero_()
+    dst.copy_(src)  # warm-up
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return n * 4 / best, best
+
+
+def timed(fn: Callable[[], object], *, repeats: int, warmup: int = 1, before: Callable[[], object] | None = None):
+    """Run ``fn`` ``warmup`` + ``repeats`` times; return (median seconds, all timed seconds, last result).
+
+    ``before`` runs before every call, outside the timed region (cache drops, copies, gc).
+    """
+    times: list[float] = []
+    result = None
+    for i in range(warmup + repeats):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(dt)
+    return median(times), times, result
+
+
+# -- page-cache residency (mincore) ----------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def resident_fraction(paths: Iterable[Path]) -> float | None:
+    """Fraction of the files' pages that sit in the page cache (via mincore), or None if it cannot tell."""
+    page = mmap.PAGESIZE
+    total = resident = 0
+    try:
+        for path in paths:
+            size = os.path.getsize(path)
+            if size == 0:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+                if addr in (None, _MAP_FAILED):
+                    return None
+                try:
+                    pages = (size + page - 1) // page
+                    vec = (ctypes.c_ubyte * pages)()
+                    if _libc.mincore(addr, size, vec) != 0:
+                        return None
+                    total += pages
+                    resident += sum(b & 1 for b in vec)
+                finally:
+                    _libc.munmap(addr, size)
+            finally:
+                os.close(fd)
+    except OSError:
+        return None
+    return resident / total if total else None
+
+
+# -- machine description ---------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    import transformers
+
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_model": cpu_model(),
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "transformers_version": transformers.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "mem_total_gib": _mem_total_gib(),
+    }
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def fmt_s(x: float | None) -> str:
+    """Seconds in a readable unit."""
+    if x is None:
+        return "-"
+    if x >= 1:
+        return f"{x:.2f} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.1f} ms"
+    return f"{x * 1e6:.0f} µs"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def parse_ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"expected a comma-separated list of positive ints, got {text!r}")
+    return values
+
+
+def unique_sorted(values: Sequence[int]) -> list[int]:
+    return sorted(set(values))

@@ -1,0 +1,93 @@
+"""The ``kvtier`` command: demo, stats, clear, model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+
+from kvtier.config import KvtierConfig, load_config, parse_overrides
+from kvtier.errors import KvtierError
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="TOML or JSON config file (also: KVTIER_CONFIG)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set l1.max_bytes=4GB (repeatable; beats file and env)",
+    )
+    common.add_argument("--model", help="shorthand for --set model=NAME_OR_FOLDER")
+    common.add_argument("--cache-dir", help="shorthand for --set cache_dir=PATH")
+    p = argparse.ArgumentParser(prog="kvtier", description="kvtier: a tiered prefix KV cache for LLM inference")
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", parents=[common], help="ask two questions about a long document, cold then warm")
+    demo.add_argument("--document", type=Path, help="a UTF-8 text file to ask about (default: Python's LICENSE.txt)")
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    stats = sub.add_parser("stats", parents=[common], help="show the on-disk chunk cache")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    clear = sub.add_parser("clear", parents=[common], help="delete every chunk of the on-disk cache")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sub.add_parser("model", parents=[common], help="resolve (convert once) the configured model and print its folder")
+    return p
+
+
+def _config(args: argparse.Namespace) -> KvtierConfig:
+    overrides = parse_overrides(args.overrides)
+    if args.model:
+        overrides["model"] = args.model
+    if args.cache_dir:
+        overrides["cache_dir"] = args.cache_dir
+    return load_config(args.config, overrides=overrides)
+
+
+def _disk(config: KvtierConfig):  # noqa: ANN202
+    from kvtier.storage import DiskBackend
+
+    disk = DiskBackend(config.chunk_dir, int(config.l2.max_bytes))
+    disk.start()
+    return disk
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        config = _config(args)
+        logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
+        if args.command == "demo":
+            from kvtier.demo import run_demo
+
+            run_demo(config, args.document, args.max_new_tokens, console)
+        elif args.command == "stats":
+            stats = _disk(config).stats()
+            data = {**asdict(stats), "path": str(config.chunk_dir)}
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                console.print(
+                    f"{data['path']}: {stats.entries} chunks, {stats.used_bytes / 1e6:.1f} MB "
+                    f"of {stats.max_bytes / 1e9:.1f} GB budget"
+                )
+        elif args.command == "clear":
+            if not args.yes and sys.stdin.isatty():
+                if input(f"delete every chunk under {config.chunk_dir}? [y/N] ").strip().lower() != "y":
+                    return 1
+            console.print(f"removed {_disk(config).clear()} chunks from {config.chunk_dir}")
+        elif args.command == "model":
+            from kvtier.models import resolve_model
+
+            print(resolve_model(config.model, config.cache_dir))
+    except KvtierError as exc:
+        print(f"kvtier: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Shared fixtures for the core (model-free) tests: a small layout, a namespace and chunk factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.chunk import Chunk
+from kvtier.keys import Namespace, chunk_spans
+from kvtier.layout import KVLayout
+
+# chunk payload: [L=2, 2, H=2, T, D=4] float32 -> 128 bytes per token
+SMALL_LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4)
+
+MakeChain = Callable[..., list[Chunk]]
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return SMALL_LAYOUT
+
+
+@pytest.fixture
+def namespace(layout: KVLayout) -> Namespace:
+    return Namespace("test-model-fingerprint", layout)
+
+
+def build_chain(
+    namespace: Namespace, tokens: Sequence[int] | np.ndarray, chunk_size: int, *, seed: int = 0
+) -> list[Chunk]:
+    """The full chunks of ``tokens`` (root first) with seeded random payloads."""
+    arr = np.asarray(tokens, dtype="<u4")
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    for span in chunk_spans(namespace, arr, chunk_size):
+        payload = torch.randn(namespace.layout.chunk_shape(span.num_tokens), generator=gen).to(namespace.layout.torch_dtype)
+        chunks.append(Chunk(span.key, span.parent, namespace.digest, namespace.layout, arr[span.start : span.end].copy(), payload))
+    return chunks
+
+
+@pytest.fixture
+def make_chain(namespace: Namespace) -> MakeChain:
+    """``make_chain(tokens, chunk_size=4, seed=0, namespace=None)``: a chain of chunks with random payloads."""
+
+    def make(
+        tokens: Sequence[int] | np.ndarray, chunk_size: int = 4, *, seed: int = 0, namespace_: Namespace | None = None
+    ) -> list[Chunk]:
+        return build_chain(namespace_ or namespace, tokens, chunk_size, seed=seed)
+
+    return make
+
