@@ -29,7 +29,8 @@ from kvtier.layout import KVLayout
 MAGIC = b"KVTC"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
-MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 22
+PREFIX_BYTES = _PREFIX.size
 CODEC_RAW = "raw"
 
 
@@ -59,7 +60,7 @@ class Chunk:
         expected = self.layout.chunk_shape(len(self.tokens))
         if tuple(self.payload.shape) != expected or self.payload.dtype != self.layout.torch_dtype:
             raise ValueError(
-                f"payload {tuple(self.payload.shape)} {self.payload.dtype} does not match {expected} {self.layout.dtype}"
+                f"payload {tuple(self.payload.shape)} {self.payload.dtype} != layout {expected} {self.layout.dtype}"
             )
         if not self.payload.is_contiguous():
             raise ValueError("chunk payload must be contiguous")
@@ -152,7 +153,7 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
             namespace=bytes.fromhex(h["namespace"]),
             layout=KVLayout.from_dict(h["layout"]),
             codec=str(h["codec"]),
-            tokens=np.asarray(h["tokens"], dtype="<u4"),
+            tokens=_token_array(h["tokens"]),
             payload_len=int(h["payload_len"]),
             checksum=str(h["checksum"]),
             offset=_PREFIX.size + hlen,
@@ -177,7 +178,8 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
         raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
     if payload_checksum(payload) != header.checksum:
         raise ChunkFormatError("payload checksum mismatch")
-    flat = torch.frombuffer(payload, dtype=header.layout.torch_dtype) if len(payload) else torch.empty(0)
+    dtype = header.layout.torch_dtype
+    flat = torch.frombuffer(payload, dtype=dtype) if len(payload) else torch.empty(0, dtype=dtype)
     return Chunk(
         key=header.key,
         parent=header.parent,
@@ -187,6 +189,24 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
         payload=flat.view(header.layout.chunk_shape(len(header.tokens))),
         codec=header.codec,
     )
+
+
+def _token_array(values: object) -> np.ndarray:
+    if not isinstance(values, list) or not all(isinstance(v, int) and 0 <= v < 2**32 for v in values):
+        raise ValueError("tokens must be a list of ids in [0, 2**32)")
+    return np.asarray(values, dtype="<u4")
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """Total bytes of framing + header, read from the first ``PREFIX_BYTES`` of an encoded chunk."""
+    if len(prefix) < _PREFIX.size:
+        raise ChunkFormatError("truncated before header")
+    magic, _version, hlen = _PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise ChunkFormatError("bad magic")
+    if hlen > MAX_HEADER_BYTES:
+        raise ChunkFormatError("header too large")
+    return _PREFIX.size + hlen
 
 
 def decode(data: bytes | bytearray) -> Chunk:

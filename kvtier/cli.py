@@ -19,7 +19,11 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, help="TOML or JSON config file (also: KVTIER_CONFIG)")
     common.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set l1.max_bytes=4GB (repeatable; beats file and env)",
     )
     common.add_argument("--model", help="shorthand for --set model=NAME_OR_FOLDER")
@@ -46,7 +50,7 @@ def _config(args: argparse.Namespace) -> KvtierConfig:
     return load_config(args.config, overrides=overrides)
 
 
-def _disk(config: KvtierConfig):  # noqa: ANN202
+def _disk(config: KvtierConfig):
     from kvtier.storage import DiskBackend
 
     disk = DiskBackend(config.chunk_dir, int(config.l2.max_bytes))

@@ -102,8 +102,8 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     try:
         if path.suffix == ".json":
@@ -111,7 +111,9 @@ def _read_file(path: Path) -> dict[str, Any]:
         else:
             data = tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+        raise ConfigError(
+            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
+        ) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table/object at the top level")
     return data
@@ -148,7 +150,9 @@ def load_config(
         problems = []
         for err in exc.errors():
             dotted = ".".join(str(p) for p in err["loc"])
-            where = origins.get(dotted, "default")
+            where = origins.get(dotted) or next(
+                (src for key, src in origins.items() if key.startswith(dotted + ".")), "default"
+            )
             reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"  {dotted}: {reason} (from {where})")
         raise ConfigError("invalid kvtier configuration:\n" + "\n".join(problems)) from None

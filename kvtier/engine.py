@@ -246,7 +246,14 @@ class CacheEngine:
         where = self.tiers.locate([s.key for s in spans])
         new = [s for s, w in zip(spans, where, strict=True) if w is None]
         chunks = [
-            Chunk(s.key, s.parent, self.namespace.digest, self.layout, arr[s.start : s.end].copy(), source.gather(s.start, s.end))
+            Chunk(
+                s.key,
+                s.parent,
+                self.namespace.digest,
+                self.layout,
+                arr[s.start : s.end].copy(),
+                source.gather(s.start, s.end),
+            )
             for s in new
         ]
         accepted = self.tiers.put(chunks)

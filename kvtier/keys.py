@@ -34,7 +34,7 @@ DIGEST_SIZE = 32
 _NAMESPACE_VERSION = "kvtier-namespace-v1"
 
 
-def _hasher(name: HashName, data: bytes = b""):  # noqa: ANN202 - hashlib and blake3 objects share no type
+def _hasher(name: HashName, data: bytes = b""):
     if name == "blake3":
         return blake3.blake3(data)
     if name == "sha256":

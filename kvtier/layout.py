@@ -120,7 +120,9 @@ class LayerKV:
         expected = (layout.num_kv_heads, layout.head_dim)
         for t in (*keys, *values):
             if t.dim() != 3 or (t.shape[0], t.shape[2]) != expected:
-                raise ValueError(f"K/V tensor of shape {tuple(t.shape)} does not match [H={expected[0]}, N, D={expected[1]}]")
+                raise ValueError(
+                    f"K/V tensor of shape {tuple(t.shape)} does not match [H={expected[0]}, N, D={expected[1]}]"
+                )
         self._keys = keys
         self._values = values
         self._layout = layout
@@ -173,7 +175,9 @@ def assemble_layers(
             raise ValueError(f"out must hold {layout.num_layers} layer tensors, got {len(out)}")
         for t in out:
             if t.dim() != 4 or t.shape[0] != 2 or t.shape[2] < num_tokens or t.dtype != layout.torch_dtype:
-                raise ValueError(f"out tensor {tuple(t.shape)} {t.dtype} cannot hold [2, H, {num_tokens}, D] of {layout.dtype}")
+                raise ValueError(
+                    f"out tensor {tuple(t.shape)} {t.dtype} cannot hold [2, H, {num_tokens}, D] of {layout.dtype}"
+                )
     pieces: list[torch.Tensor] = []
     remaining = num_tokens
     for chunk in chunks:

@@ -112,9 +112,7 @@ def load_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise ModelError(f"cannot load model from {path}: {exc}") from exc
@@ -131,9 +129,7 @@ def _locate_gguf(source: GGUFSource) -> Path:
         candidate = Path(location) / source.filename
         if candidate.is_file():
             return candidate
-    raise ModelError(
-        f"{source.filename} not found in {source.package}; reinstall: {hint}"
-    )
+    raise ModelError(f"{source.filename} not found in {source.package}; reinstall: {hint}")
 
 
 @contextlib.contextmanager
@@ -154,17 +150,13 @@ def _convert(gguf: Path, out: Path) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    steps = tqdm(
-        total=3, desc=f"kvtier: converting {gguf.name}", file=sys.stderr, unit="step"
-    )
+    steps = tqdm(total=3, desc=f"kvtier: converting {gguf.name}", file=sys.stderr, unit="step")
     with steps:
         steps.set_postfix_str("load/dequantize")
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, local_files_only=True
-        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         steps.update()
 
         steps.set_postfix_str("write weights")
@@ -177,15 +169,11 @@ def _convert(gguf: Path, out: Path) -> None:
 
         steps.set_postfix_str("write config + tokenizer")
         config = {
-            k: v
-            for k, v in model.config.to_dict().items()
-            if k != "quantization_config" and not k.startswith("_")
+            k: v for k, v in model.config.to_dict().items() if k != "quantization_config" and not k.startswith("_")
         }
         config["dtype"] = "float32"
         config["architectures"] = config.get("architectures") or [type(model).__name__]
-        (out / "config.json").write_text(
-            json.dumps(config, sort_keys=True, indent=2) + "\n"
-        )
+        (out / "config.json").write_text(json.dumps(config, sort_keys=True, indent=2) + "\n")
         if model.generation_config is not None:
             model.generation_config.save_pretrained(out)
         tokenizer.save_pretrained(out)

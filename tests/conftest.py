@@ -15,8 +15,6 @@ from kvtier.layout import KVLayout
 # chunk payload: [L=2, 2, H=2, T, D=4] float32 -> 128 bytes per token
 SMALL_LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=4)
 
-MakeChain = Callable[..., list[Chunk]]
-
 
 @pytest.fixture
 def layout() -> KVLayout:
@@ -36,13 +34,17 @@ def build_chain(
     gen = torch.Generator().manual_seed(seed)
     chunks = []
     for span in chunk_spans(namespace, arr, chunk_size):
-        payload = torch.randn(namespace.layout.chunk_shape(span.num_tokens), generator=gen).to(namespace.layout.torch_dtype)
-        chunks.append(Chunk(span.key, span.parent, namespace.digest, namespace.layout, arr[span.start : span.end].copy(), payload))
+        payload = torch.randn(namespace.layout.chunk_shape(span.num_tokens), generator=gen).to(
+            namespace.layout.torch_dtype
+        )
+        chunks.append(
+            Chunk(span.key, span.parent, namespace.digest, namespace.layout, arr[span.start : span.end].copy(), payload)
+        )
     return chunks
 
 
 @pytest.fixture
-def make_chain(namespace: Namespace) -> MakeChain:
+def make_chain(namespace: Namespace) -> Callable[..., list[Chunk]]:
     """``make_chain(tokens, chunk_size=4, seed=0, namespace=None)``: a chain of chunks with random payloads."""
 
     def make(
@@ -51,4 +53,3 @@ def make_chain(namespace: Namespace) -> MakeChain:
         return build_chain(namespace_ or namespace, tokens, chunk_size, seed=seed)
 
     return make
-

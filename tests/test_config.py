@@ -141,11 +141,6 @@ def test_unknown_key_in_overrides() -> None:
     assert "l1.nope: unknown key (from flag l1.nope=3)" in str(exc.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an unknown *section* (KVTIER_NOPE__DEEP) is reported '(from default)': pydantic's error loc is "
-    "('nope',) but origins only records the full dotted key 'nope.deep'",
-)
 def test_unknown_section_names_its_source() -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(env={"KVTIER_NOPE__DEEP": "1"})
@@ -233,11 +228,6 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path, env={})  # a directory
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _read_file only catches OSError around read_text(); a config file that is not UTF-8 raises "
-    "UnicodeDecodeError instead of ConfigError",
-)
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes('tenant = "caf\xe9"\n'.encode("latin-1"))

@@ -166,7 +166,7 @@ def forests(draw: st.DrawFn) -> tuple[list[tuple[int, int | None, int]], list[li
 
 @settings(max_examples=150, deadline=None)
 @given(forests(), st.integers(0, 60), st.data())
-def test_victims_are_always_leaves_at_their_turn(forest, need: int, data: st.DataObject) -> None:  # noqa: ANN001
+def test_victims_are_always_leaves_at_their_turn(forest, need: int, data: st.DataObject) -> None:
     nodes, paths = forest
     keys = [K(f"n{i}") for i in range(len(nodes))]
     lru = PrefixLRU()

@@ -43,8 +43,12 @@ def reference(loaded, prompt):
     model, _ = loaded
     with torch.inference_mode():
         return model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=16,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
 
 

@@ -108,7 +108,7 @@ def test_changing_one_token_changes_only_that_chunk_and_later(changed_chunk: int
 def test_prefix_keys_do_not_depend_on_what_follows() -> None:
     ns = _ns()
     assert chunk_spans(ns, TOKENS[:16], 4) == chunk_spans(ns, TOKENS, 4)[:4]
-    assert chunk_spans(ns, TOKENS[:16] + [1, 2, 3, 4], 4)[:4] == chunk_spans(ns, TOKENS, 4)[:4]
+    assert chunk_spans(ns, [*TOKENS[:16], 1, 2, 3, 4], 4)[:4] == chunk_spans(ns, TOKENS, 4)[:4]
 
 
 def test_same_tokens_at_another_position_get_another_key() -> None:
@@ -271,7 +271,12 @@ def test_keys_identical_across_processes_and_hash_seeds() -> None:
     for seed in ("0", "1", "12345", "random"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO_ROOT)}
         procs[seed] = subprocess.Popen(
-            [sys.executable, "-c", script], env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [sys.executable, "-c", script],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     for seed, proc in procs.items():
         out, err = proc.communicate(timeout=120)

@@ -66,9 +66,7 @@ def test_converted_logits_match_gguf(converted: Path) -> None:
     reference = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     ).eval()
-    ref_tokenizer = AutoTokenizer.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, local_files_only=True
-    )
+    ref_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model, tokenizer = load_model(converted)
     assert not model.training
     assert next(model.parameters()).dtype == torch.float32
@@ -88,7 +86,7 @@ def test_unknown_name_raises(tmp_path: Path) -> None:
 
 
 def test_directory_without_config_raises(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match=r"config\.json"):
         resolve_model(str(tmp_path), tmp_path)
     with pytest.raises(ModelError):
         load_model(tmp_path)

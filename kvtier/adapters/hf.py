@@ -174,7 +174,11 @@ class CachedModel:
         total = time.perf_counter() - start
         log.info(
             "kvtier: prompt %d tokens, reused %d (%s), stored %d new chunks, TTFT %.3fs",
-            n_prompt, hit.num_tokens, hit.tiers, stored.stored_chunks, ttft,
+            n_prompt,
+            hit.num_tokens,
+            hit.tiers,
+            stored.stored_chunks,
+            ttft,
         )
         return Generation(out.sequences, n_prompt, hit.num_tokens, dict(hit.tier_tokens), ttft, total, stored, out)
 

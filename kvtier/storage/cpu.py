@@ -44,10 +44,15 @@ class MemoryBackend:
             return found
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
-        results = []
+        results: list[bool] = []
+        rejected: set[ChunkKey] = set()
         with self._lock:
             for chunk in chunks:
-                results.append(self._put_one(chunk))
+                # A child of a chunk this batch could not store would only push reachable prefixes out.
+                ok = chunk.parent not in rejected and self._put_one(chunk)
+                if not ok:
+                    rejected.add(chunk.key)
+                results.append(ok)
         return results
 
     def _put_one(self, chunk: Chunk) -> bool:

@@ -17,7 +17,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kvtier.chunk import Chunk, ChunkHeader, decode_header, decode_payload, encode_header, payload_view
+from kvtier.chunk import (
+    PREFIX_BYTES,
+    Chunk,
+    ChunkHeader,
+    decode_header,
+    decode_payload,
+    encode_header,
+    header_length,
+    payload_view,
+)
 from kvtier.errors import ChunkFormatError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
@@ -43,6 +52,7 @@ class DiskBackend:
         self._lru = PrefixLRU()
         self._parents: dict[ChunkKey, ChunkKey | None] = {}
         self._pending: set[ChunkKey] = set()  # reserved in the index, file not yet in place
+        self._last_mtime = 0
         self._lock = threading.Lock()
         self._started = False
         self._evictions = 0
@@ -118,16 +128,23 @@ class DiskBackend:
         hits = [k for k, c in zip(keys, found, strict=True) if c is not None]
         with self._lock:
             self._lru.touch(hits)
-            now = time.time_ns()
-            for i, key in enumerate(reversed(hits)):  # ancestors get the later mtime, as in the LRU
+            for key in reversed(hits):  # ancestors get the later mtime, as in the LRU
                 if self._present(key):
-                    _touch_file(self._path_of(key), now + i)
+                    _touch_file(self._path_of(key), self._next_mtime())
         return found
+
+    def _next_mtime(self) -> int:
+        """A strictly increasing mtime (ns), so recency survives a restart even on coarse-clock filesystems."""
+        self._last_mtime = max(time.time_ns(), self._last_mtime + 1)
+        return self._last_mtime
 
     def _read(self, key: ChunkKey, path: Path) -> Chunk | None:
         try:
             with open(path, "rb", buffering=0) as f:
                 head = f.read(_HEAD_READ)
+                needed = header_length(head[:PREFIX_BYTES])
+                if needed > len(head):
+                    head += f.read(needed - len(head))
                 header = decode_header(head)
                 if header.key != key:
                     raise ChunkFormatError("file holds another key")
@@ -151,7 +168,15 @@ class DiskBackend:
         path.unlink(missing_ok=True)
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
-        return [self._put_one(c) for c in chunks]
+        results: list[bool] = []
+        rejected: set[ChunkKey] = set()
+        for chunk in chunks:
+            # A child of a chunk this batch could not store would only push reachable prefixes out.
+            ok = chunk.parent not in rejected and self._put_one(chunk)
+            if not ok:
+                rejected.add(chunk.key)
+            results.append(ok)
+        return results
 
     def _put_one(self, chunk: Chunk) -> bool:
         header = encode_header(chunk)
@@ -160,10 +185,12 @@ class DiskBackend:
         with self._lock:
             if chunk.key in self._lru:
                 self._lru.touch([chunk.key])
+                if chunk.key not in self._pending:
+                    _touch_file(self._path_of(chunk.key), self._next_mtime())
                 return True
             self._lru.add(chunk.key, chunk.parent, size)
             self._parents[chunk.key] = chunk.parent
-            victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key])
+            victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key, *self._pending])
             if victims is None:
                 self._forget(chunk.key)
                 self._rejected += 1
@@ -184,6 +211,8 @@ class DiskBackend:
                     f.flush()
                     os.fsync(f.fileno())
             os.replace(tmp, path)
+            with self._lock:
+                _touch_file(path, self._next_mtime())
         except OSError as exc:
             log.warning("disk tier: write of %s failed: %s", chunk.key.hex()[:16], exc)
             tmp.unlink(missing_ok=True)
@@ -260,7 +289,7 @@ def _parse_name(name: str) -> tuple[ChunkKey, ChunkKey | None] | None:
     return key, parent
 
 
-def _read_payload(f, head: bytes, header: ChunkHeader) -> bytearray:  # noqa: ANN001 - a raw binary file
+def _read_payload(f, head: bytes, header: ChunkHeader) -> bytearray:
     buf = bytearray(header.payload_len)
     view = memoryview(buf)
     already = head[header.offset : header.offset + header.payload_len]

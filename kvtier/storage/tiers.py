@@ -115,7 +115,7 @@ class TierStack:
     # -- writes ------------------------------------------------------------------------------------------------
 
     def put(self, chunks: Sequence[Chunk]) -> int:
-        """Store new chunks: the top tier now, lower tiers in the background. Returns chunks accepted by the top tier."""
+        """Store new chunks: top tier now, lower tiers in the background. Returns how many the top tier took."""
         if not chunks:
             return 0
         accepted = sum(self.tiers[0].put(chunks))
