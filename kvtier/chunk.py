@@ -60,7 +60,7 @@ class Chunk:
         expected = self.layout.chunk_shape(len(self.tokens))
         if tuple(self.payload.shape) != expected or self.payload.dtype != self.layout.torch_dtype:
             raise ValueError(
-                f"payload {tuple(self.payload.shape)} {self.payload.dtype} != layout {expected} {self.layout.dtype}"
+                f"payload {tuple(self.payload.shape)} {self.payload.dtype} does not fit {expected} {self.layout.dtype}"
             )
         if not self.payload.is_contiguous():
             raise ValueError("chunk payload must be contiguous")

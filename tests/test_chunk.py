@@ -276,13 +276,13 @@ def test_mismatch_reasons(layout: KVLayout) -> None:
 def test_chunk_rejects_wrong_payload(layout: KVLayout) -> None:
     good = _chunk(layout)
     args = (good.key, good.parent, good.namespace, layout, good.tokens)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not fit"):
         Chunk(*args, torch.zeros(2, 2, 2, 3, 4))  # 3 tokens of payload, 4 token ids
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not fit"):
         Chunk(*args, torch.zeros(2, 2, 2, 4, 5))  # head_dim
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not fit"):
         Chunk(*args, torch.zeros(2, 2, 4, 4))  # missing a dim
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="does not fit"):
         Chunk(*args, torch.zeros(2, 2, 2, 4, 4, dtype=torch.float16))
     non_contiguous = torch.zeros(2, 2, 2, 4, 4).transpose(3, 4).contiguous().transpose(3, 4)
     assert non_contiguous.shape == (2, 2, 2, 4, 4) and not non_contiguous.is_contiguous()
