@@ -3,21 +3,24 @@
     python bench/ttft.py --json bench/results/ttft.json [--prefixes 1024,2048,4096]
                          [--suffix 50] [--repeats 3] [--plot bench/results/ttft.png]
 
-For each prefix length P the prompt is P tokens of real English text (the
-GPL-3 from /usr/share/common-licenses, then CPython's LICENSE.txt) followed by
-the next ``--suffix`` tokens of the same text, and one new token is generated
-greedily. Measured (seconds, median of ``--repeats`` after one warm-up):
+For each prefix length P the first prompt is P tokens of real English text
+(the GPL-3 from /usr/share/common-licenses, then CPython's LICENSE.txt)
+followed by the next ``--suffix`` tokens (suffix A); the hits ask a *second*
+prompt with the same prefix and a different suffix B (the ``--suffix`` tokens
+after A), as a second question about the same document would. So a hit reuses
+the P prefix tokens and must still prefill suffix B. One new token is
+generated greedily. Measured (seconds, median of ``--repeats`` after one warm-up):
 
-* ``cold_s``              plain ``model.generate`` of prefix+suffix, no kvtier
-* ``cold_with_kvtier_s``  ``CachedModel.generate`` on an empty cache (lookup +
-                          prefill + store into L1; disk write-behind is flushed
-                          after the timed region)
-* ``hit_l1_s``            the same call again, prefix chunks in L1
-* ``hit_l2_s``            the same call in a fresh process, L1 disabled, chunk
-                          files dropped from the page cache first
-* ``suffix_only_s``       ``model.generate`` with the prefix's KV already in a
-                          DynamicCache (deep-copied outside the timed region):
-                          the work no KV cache can remove
+* ``cold_s``              plain ``model.generate`` of prefix+A, no kvtier
+* ``cold_with_kvtier_s``  ``CachedModel.generate`` of prefix+A on an empty cache
+                          (lookup + prefill + store into L1; disk write-behind is
+                          flushed after the timed region)
+* ``hit_l1_s``            ``CachedModel.generate`` of prefix+B, prefix chunks in L1
+* ``hit_l2_s``            the same in a fresh process, L1 disabled, chunk files
+                          dropped from the page cache first
+* ``suffix_only_s``       ``model.generate`` of prefix+B with the prefix's KV
+                          already in a DynamicCache (deep-copied outside the timed
+                          region): the work no KV cache can remove
 * ``retrieve_l1_s``       ``engine.retrieve(..., max_tokens=P, out=bufs)`` from L1
                           into preallocated, touched per-layer [2, H, P, D] buffers
 * ``retrieve_l1_alloc_s`` the same without ``out`` (fresh tensors)
@@ -46,8 +49,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from statistics import median
+from statistics import mean, median, pstdev
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
@@ -56,8 +60,8 @@ for _p in (_HERE, _HERE.parent):
         sys.path.insert(0, str(_p))
 
 import torch  # noqa: E402
-
 from common import (  # noqa: E402
+    CleanTimer,
     copy_bandwidth,
     fmt_s,
     loadavg,
@@ -66,7 +70,6 @@ from common import (  # noqa: E402
     ratio,
     real_tokens,
     resident_fraction,
-    timed,
     unique_sorted,
 )
 
@@ -110,15 +113,17 @@ def _fix_threads(threads: int) -> None:
         raise RuntimeError(f"could not set torch to {threads} threads (has {torch.get_num_threads()})")
 
 
-def _engine(model, chunk_dir: Path, namespace, *, l1: bool = True):  # noqa: ANN001, ANN202
+def _engine(model, chunk_dir: Path, namespace, *, l1: bool = True):
     from kvtier.config import load_config
     from kvtier.engine import CacheEngine
 
-    config = load_config(overrides={"l2.path": str(chunk_dir), "l1.enabled": l1})
+    # No partial chunks: every hit run must reuse exactly the P prefix tokens, not the
+    # trailing partial chunk (suffix B) that the previous timed hit run stored.
+    config = load_config(overrides={"l2.path": str(chunk_dir), "l1.enabled": l1, "store_partial": False})
     return CacheEngine.from_config(config, namespace).start()
 
 
-def _namespace(model):  # noqa: ANN001, ANN202
+def _namespace(model):
     from kvtier.adapters.hf import hf_namespace
     from kvtier.config import load_config
 
@@ -126,7 +131,7 @@ def _namespace(model):  # noqa: ANN001, ANN202
     return hf_namespace(model, tenant=config.tenant, hash_name=config.hash)
 
 
-def _out_buffers(layout, num_tokens: int) -> list[torch.Tensor]:  # noqa: ANN001
+def _out_buffers(layout, num_tokens: int) -> list[torch.Tensor]:
     """Per layer one [2, H, num_tokens, D] buffer, allocated and touched once (as an engine's KV pool is)."""
     bufs = [
         torch.empty((2, layout.num_kv_heads, num_tokens, layout.head_dim), dtype=layout.torch_dtype)
@@ -144,6 +149,15 @@ def _before() -> None:
 # -- the fresh-process L2 worker ---------------------------------------------------------------------------------
 
 
+def _timer(spec: dict[str, Any]) -> CleanTimer:
+    return CleanTimer(
+        threshold=spec["idle_threshold"],
+        max_wait=spec["max_wait"],
+        wait_budget=spec["wait_budget"],
+        retries=spec["retries"],
+    )
+
+
 def worker(spec_path: str) -> int:
     """Hidden mode: time hit_l2 and retrieve_l2 against an existing chunk directory; print one JSON line."""
     spec = json.loads(Path(spec_path).read_text())
@@ -156,6 +170,7 @@ def worker(spec_path: str) -> int:
     ids = torch.tensor([spec["ids"]], dtype=torch.long)
     prefix = spec["prefix"]
     repeats = spec["repeats"]
+    timer = _timer(spec)
     engine = _engine(model, Path(spec["chunk_dir"]), _namespace(model), l1=False)
     disk = engine.tiers.tiers[0]
     assert disk.name == "disk" and len(engine.tiers.tiers) == 1, engine.tiers.names
@@ -171,10 +186,12 @@ def worker(spec_path: str) -> int:
         model.generate(ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]), **GEN)
         drop()
         residency["after_drop"] = resident_fraction(disk.files())
-        hit_s, hit_all, gen = timed(lambda: cached.generate(ids, **GEN), repeats=repeats, before=drop)
+        hit_s, hit_all, gen, hit_f = timer.timed(
+            "hit_l2", lambda: cached.generate(ids, **GEN), repeats=repeats, before=drop
+        )
         bufs = _out_buffers(engine.layout, prefix)
-        retr_s, retr_all, res = timed(
-            lambda: engine.retrieve(ids[0], max_tokens=prefix, out=bufs), repeats=repeats, before=drop
+        retr_s, retr_all, res, retr_f = timer.timed(
+            "retrieve_l2", lambda: engine.retrieve(ids[0], max_tokens=prefix, out=bufs), repeats=repeats, before=drop
         )
     stats = engine.stats()
     engine.close()
@@ -192,6 +209,8 @@ def worker(spec_path: str) -> int:
                 "retrieve_l2_tiers": res.tiers,
                 "residency": residency,
                 "invalid_chunks": dict(stats.invalid_chunks),
+                "foreign_cores": {"hit_l2": hit_f, "retrieve_l2": retr_f},
+                "timer": timer.summary() | {"events": timer.events},
             }
         )
     )
@@ -222,22 +241,26 @@ def measure(
     P: int,
     all_ids: list[int],
     args: argparse.Namespace,
-    model,  # noqa: ANN001
-    tokenizer,  # noqa: ANN001
-    namespace,  # noqa: ANN001
+    model,
+    tokenizer,
+    namespace,
     model_path: Path,
     tmp: Path,
     copy_bps: float,
-    progress,  # noqa: ANN001
+    timer: CleanTimer,
+    progress,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     from kvtier.adapters.hf import CachedModel
 
     S = args.suffix
     R = args.repeats
-    ids = torch.tensor([all_ids[: P + S]], dtype=torch.long)
+    ids = torch.tensor([all_ids[: P + S]], dtype=torch.long)  # prefix + suffix A
     mask = torch.ones_like(ids)
+    hit_ids = torch.tensor([all_ids[:P] + all_ids[P + S : P + 2 * S]], dtype=torch.long)  # prefix + suffix B
+    hit_mask = torch.ones_like(hit_ids)
     base = tmp / f"p{P}"
     diag: dict[str, Any] = {"prefix_tokens": P}
+    foreign: dict[str, float | None] = {}
     first: dict[str, int] = {}
 
     def step(label: str, **post: Any) -> None:
@@ -247,49 +270,74 @@ def measure(
     def cold() -> int:
         return int(model.generate(ids, attention_mask=mask, **GEN)[0, -1])
 
-    def cold_kvtier(tag: str):  # noqa: ANN202
-        engine = _engine(model, base / tag, namespace)
-        cm = CachedModel(model, tokenizer, engine)
-        _before()
-        t0 = time.perf_counter()
-        gen = cm.generate(ids, **GEN)
-        dt = time.perf_counter() - t0
-        engine.flush()  # disk write-behind, outside the timed region
-        return dt, gen, engine, cm
+    slot: dict[str, Any] = {}
 
-    cold_times, kv_times, store_times = [], [], []
+    def new_engine(tag: str) -> Callable[[], None]:
+        def make() -> None:  # a fresh, empty engine, built outside the timed region
+            if "engine" in slot:
+                slot.pop("engine").close()
+                shutil.rmtree(slot.pop("dir"), ignore_errors=True)
+            slot["dir"] = base / tag
+            shutil.rmtree(slot["dir"], ignore_errors=True)
+            slot["engine"] = _engine(model, slot["dir"], namespace)
+            slot["cm"] = CachedModel(model, tokenizer, slot["engine"])
+            # what kvtier adds before prefill on a miss: the lookup/retrieve that finds nothing (no side effects)
+            t0 = time.perf_counter()
+            slot["engine"].retrieve(ids[0], max_tokens=ids.shape[1] - 1)
+            miss_times.append(time.perf_counter() - t0)
+            gc.collect()
+
+        return make
+
+    cold_times, kv_times, store_times, miss_times, cold_f, kv_f = [], [], [], [], [], []
     with torch.inference_mode():
         for i in range(1 + R):
             warm = i == 0
-            step(f"cold {'warm-up' if warm else f'{i}/{R}'}")
-            _before()
-            t0 = time.perf_counter()
-            first["cold"] = cold()
-            dt = time.perf_counter() - t0
-            if not warm:
+            tag = "warm-up" if warm else f"{i}/{R}"
+            step(f"cold {tag}")
+            if warm:
+                _before()
+                first["cold"] = cold()
+            else:
+                dt, first["cold"], f = timer.once(f"P{P} cold#{i}", cold, _before)
                 cold_times.append(dt)
+                cold_f.append(f)
             progress.update()
-            step(f"cold+kvtier {'warm-up' if warm else f'{i}/{R}'}", cold=fmt_s(dt))
-            kdt, gen, engine, cm = cold_kvtier(f"cold{i}")
+            step(f"cold+kvtier {tag}", cold=fmt_s(cold_times[-1]) if cold_times else "-")
+            make = new_engine(f"cold{i}")
+            if warm:
+                make()
+                gen = slot["cm"].generate(ids, **GEN)
+            else:
+                dt, gen, f = timer.once(f"P{P} cold_with_kvtier#{i}", lambda: slot["cm"].generate(ids, **GEN), make)
+                kv_times.append(dt)
+                kv_f.append(f)
+                store_times.append(gen.total_s - gen.ttft_s)
             first["cold_with_kvtier"] = gen.new_tokens[0]
             if gen.reused_tokens:
                 raise AssertionError(f"cold_with_kvtier reused {gen.reused_tokens} tokens: the cache was not empty")
-            if not warm:
-                kv_times.append(kdt)
-                store_times.append(gen.total_s - gen.ttft_s)
+            slot["engine"].flush()  # disk write-behind, outside the timed region
+            os.sync()  # and its dirty pages, so kernel writeback does not run during the next timing
             progress.update()
-            if i < R:  # keep the last engine (its L1 and its disk chunks) for the hits
-                engine.close()
-                shutil.rmtree(base / f"cold{i}", ignore_errors=True)
+        engine, cm = slot["engine"], slot["cm"]  # the last one: its L1 and its disk chunks serve the hits
+        chunk_dir = slot["dir"]
+        foreign["cold"] = max((f for f in cold_f if f is not None), default=None)
+        foreign["cold_with_kvtier"] = max((f for f in kv_f if f is not None), default=None)
         diag["cold_all"] = cold_times
         diag["cold_with_kvtier_all"] = kv_times
-        diag["kvtier_store_s"] = median(store_times)
+        diag["kvtier_store_s"] = median(store_times)  # Generation.total_s - ttft_s: the store after generate
+        diag["kvtier_miss_retrieve_s"] = median(miss_times)
+        # kvtier's own work on a miss, measured directly (immune to the run-to-run noise of a long prefill)
+        diag["kvtier_miss_overhead_over_cold"] = (median(store_times) + median(miss_times)) / median(cold_times)
+        diag["cold_cv"] = (pstdev(cold_times) / mean(cold_times)) if len(cold_times) > 1 else None
+        diag["cold_with_kvtier_over_cold_paired"] = [round(k / c, 4) for k, c in zip(kv_times, cold_times, strict=True)]
         diag["stored_chunks"] = gen.stored.stored_chunks
-        chunk_dir = base / f"cold{R}"
 
-        # 2. L1 hit: the same call again.
+        # 2. L1 hit: the same prefix with another suffix.
         step("hit L1")
-        hit_l1, hit_all, hit = timed(lambda: cm.generate(ids, **GEN), repeats=R, before=_before)
+        hit_l1, hit_all, hit, foreign["hit_l1"] = timer.timed(
+            f"P{P} hit_l1", lambda: cm.generate(hit_ids, **GEN), repeats=R, before=_before
+        )
         first["hit_l1"] = hit.new_tokens[0]
         diag["hit_l1_all"] = hit_all
         diag["hit_l1_ttft_s"] = hit.ttft_s
@@ -301,11 +349,15 @@ def measure(
         # 3. retrieve from L1, into preallocated buffers and into fresh tensors.
         step("retrieve L1")
         bufs = _out_buffers(engine.layout, P)
-        retr_l1, retr_all, res = timed(lambda: engine.retrieve(ids[0], max_tokens=P, out=bufs), repeats=R, before=_before)
+        retr_l1, retr_all, res, foreign["retrieve_l1"] = timer.timed(
+            f"P{P} retrieve_l1", lambda: engine.retrieve(ids[0], max_tokens=P, out=bufs), repeats=R, before=_before
+        )
         if res.num_tokens != P or res.layers[0].data_ptr() != bufs[0].data_ptr():
-            raise AssertionError(f"retrieve into out= returned {res.num_tokens} tokens ({res.tiers}), expected {P} in out")
-        retr_alloc, retr_alloc_all, res_alloc = timed(
-            lambda: engine.retrieve(ids[0], max_tokens=P), repeats=R, before=_before
+            raise AssertionError(
+                f"retrieve into out= returned {res.num_tokens} tokens ({res.tiers}), expected {P} in out"
+            )
+        retr_alloc, retr_alloc_all, res_alloc, foreign["retrieve_l1_alloc"] = timer.timed(
+            f"P{P} retrieve_l1_alloc", lambda: engine.retrieve(ids[0], max_tokens=P), repeats=R, before=_before
         )
         diag["retrieve_l1_all"] = retr_all
         diag["retrieve_l1_alloc_all"] = retr_alloc_all
@@ -322,25 +374,29 @@ def measure(
             )
             for l_ in range(engine.layout.num_layers)
         )
-        del res, res_alloc
+        res = res_alloc = None
         holder: dict[str, Any] = {}
 
         def fresh_copy() -> None:
+            holder.clear()
             holder["cache"] = copy.deepcopy(prefix_cache)
             gc.collect()
 
         step("suffix-only")
-        suffix_s, suffix_all, out = timed(
-            lambda: model.generate(ids, attention_mask=mask, past_key_values=holder["cache"], **GEN),
+        suffix_s, suffix_all, out, foreign["suffix_only"] = timer.timed(
+            f"P{P} suffix_only",
+            lambda: model.generate(hit_ids, attention_mask=hit_mask, past_key_values=holder["cache"], **GEN),
             repeats=R,
             before=fresh_copy,
         )
         first["suffix_only"] = int(out[0, -1])
         diag["suffix_only_all"] = suffix_all
-        del prefix_cache, holder, out, bufs
+        holder.clear()
+        prefix_cache = out = bufs = None  # free the KV before the next stage
         progress.update()
 
         engine.close()  # flushes write-behind; L1 gone
+        slot.clear()
     os.sync()  # dirty pages cannot be dropped from the page cache: write them out first
 
     # 5. L2 in a fresh process.
@@ -349,28 +405,40 @@ def measure(
         {
             "model_path": str(model_path),
             "chunk_dir": str(chunk_dir),
-            "ids": ids[0].tolist(),
+            "ids": hit_ids[0].tolist(),
             "prefix": P,
             "repeats": R,
             "threads": args.threads,
+            "idle_threshold": timer.threshold,
+            "max_wait": timer.max_wait,
+            "wait_budget": max(0.0, timer.wait_budget - timer.waited),
+            "retries": timer.retries,
         },
         tmp,
         args.threads,
     )
+    timer.waited += l2["timer"]["waited_s"]
+    timer.reruns += l2["timer"]["reruns"]
+    timer.events.extend({**e, "label": f"P{P} {e['label']}"} for e in l2["timer"]["events"])
     first["hit_l2"] = l2["hit_l2_first_token"]
     if l2["retrieve_l2_tokens"] != P:
         raise AssertionError(f"L2 retrieve returned {l2['retrieve_l2_tokens']} tokens ({l2['retrieve_l2_tiers']})")
     if l2["hit_l2_reused"] != hit.reused_tokens:
         raise AssertionError(f"L2 hit reused {l2['hit_l2_reused']} tokens, L1 hit {hit.reused_tokens}")
-    diag.update({k: v for k, v in l2.items() if k not in ("hit_l2_s", "retrieve_l2_s")})
+    foreign.update(l2["foreign_cores"])
+    diag.update({k: v for k, v in l2.items() if k not in ("hit_l2_s", "retrieve_l2_s", "foreign_cores", "timer")})
     progress.update()
     shutil.rmtree(base, ignore_errors=True)
 
     kv_bytes = P * engine.layout.bytes_per_token
     floor = kv_bytes / copy_bps
     cold_s, kv_s = median(cold_times), median(kv_times)
-    same = len(set(first.values())) == 1
+    # first prompt (prefix+A) across its modes, second prompt (prefix+B) across its modes
+    same = len({first["cold"], first["cold_with_kvtier"]}) == 1 and (
+        len({first["hit_l1"], first["hit_l2"], first["suffix_only"]}) == 1
+    )
     diag["first_tokens"] = first
+    diag["foreign_cores_max"] = {k: (None if v is None else round(v, 3)) for k, v in foreign.items()}
     row = {
         "prefix_tokens": P,
         "cold_s": cold_s,
@@ -397,7 +465,7 @@ def measure(
 # -- reporting -----------------------------------------------------------------------------------------------------
 
 
-def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def targets(rows: list[dict[str, Any]], diags: list[dict[str, Any]]) -> dict[str, Any]:
     at = next((r for r in rows if r["prefix_tokens"] == TARGET_PREFIX), None)
     note = None
     if at is None:
@@ -415,6 +483,18 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "cold_with_kvtier_over_cold": check(at["cold_with_kvtier_over_cold"], "<=", 1.03),
     }
     out["all_pass"] = all(v["pass"] for v in out.values() if isinstance(v, dict)) and note is None
+    # The 3 % bound is finer than the run-to-run noise of a long CPU prefill on a VM: say how fine the
+    # measurement is, and what kvtier's own work on a miss (lookup + store, timed directly) costs.
+    diag = next(d for d in diags if d["prefix_tokens"] == at["prefix_tokens"])
+    cv, n = diag.get("cold_cv"), len(diag.get("cold_all", []))
+    se = cv * (2 / n) ** 0.5 if cv is not None and n > 1 else None  # std error of a ratio of two n-run means
+    out["cold_with_kvtier_over_cold"]["evidence"] = {
+        "cold_cv": cv,
+        "ratio_std_error": se,
+        "resolvable_at_3pct": se is not None and 2 * se < 0.03,
+        "paired_ratios": diag.get("cold_with_kvtier_over_cold_paired"),
+        "kvtier_miss_overhead_over_cold": diag.get("kvtier_miss_overhead_over_cold"),
+    }
     if note:
         out["note"] = note
     return out
@@ -455,6 +535,14 @@ def print_table(rows: list[dict[str, Any]], tgt: dict[str, Any]) -> None:
         if isinstance(t, dict):
             mark = "[green]PASS[/green]" if t["pass"] else "[red]FAIL[/red]"
             console.print(f"  {name} = {t['value']:.3f} (target {t['op']} {t['threshold']}): {mark}")
+    ev = tgt["cold_with_kvtier_over_cold"]["evidence"]
+    if ev["cold_cv"] is not None:
+        console.print(
+            f"  (cold runs vary by {100 * ev['cold_cv']:.1f} % (CV); the ratio's std error is "
+            f"{100 * ev['ratio_std_error']:.1f} %, {'fine' if ev['resolvable_at_3pct'] else 'too coarse'} for a 3 % "
+            f"bound. kvtier's own work on a miss, timed directly (lookup + store): "
+            f"{100 * ev['kvtier_miss_overhead_over_cold']:.2f} % of cold)"
+        )
     if "note" in tgt:
         console.print(f"  [yellow]{tgt['note']}[/yellow]")
 
@@ -479,8 +567,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         vals = [r[key] for r in rows]
         bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label, color=color)
         for b, v in zip(bars, vals, strict=True):
-            ax.annotate(fmt_s(v), (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7,
-                        xytext=(0, 2), textcoords="offset points")
+            ax.annotate(
+                fmt_s(v),
+                (b.get_x() + b.get_width() / 2, v),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
     ax.set_yscale("log")
     ax.set_xticks(x, [f"{r['prefix_tokens']} (+{r['hit_tokens'] - r['prefix_tokens'] + 1})" for r in rows])
     ax.set_xlabel("prefix tokens (+ suffix tokens)")
@@ -498,7 +593,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", type=Path, required=False, help="write results here")
     parser.add_argument("--prefixes", default="1024,2048,4096", help="comma-separated prefix lengths (tokens)")
     parser.add_argument("--suffix", type=int, default=50, help="suffix tokens after the prefix (default 50)")
@@ -507,6 +604,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, all modes")
     parser.add_argument("--cache-dir", type=Path, help="model cache dir (default: kvtier config's cache_dir)")
     parser.add_argument("--tmp-dir", type=Path, help="parent of the temporary chunk directory (default: system tmp)")
+    parser.add_argument(
+        "--idle-threshold",
+        type=float,
+        default=0.2,
+        help="other processes' CPU use (cores) that counts as a disturbed timing (default 0.2)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=60.0,
+        help="max seconds to wait for a quiet machine before one timed call (default 60)",
+    )
+    parser.add_argument(
+        "--wait-budget",
+        type=float,
+        default=300.0,
+        help="max seconds of such waiting over the whole run (default 300; 0 disables waiting)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="re-runs of a timed call (>= 0.5 s) that other processes disturbed (default 1)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -530,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = resolve_model(MODEL, cache_dir)
     model, tokenizer = load_model(model_path)
     namespace = _namespace(model)
-    all_ids, sources = real_tokens(tokenizer, max(prefixes) + args.suffix)
+    all_ids, sources = real_tokens(tokenizer, max(prefixes) + 2 * args.suffix)
     copy_bps, _ = copy_bandwidth()
     print(
         f"{MODEL} from {model_path}; {len(all_ids)} tokens of text from {', '.join(sources)}; "
@@ -538,6 +659,9 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
 
+    timer = CleanTimer(
+        threshold=args.idle_threshold, max_wait=args.max_wait, wait_budget=args.wait_budget, retries=args.retries
+    )
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-ttft-", dir=args.tmp_dir))
     rows: list[dict[str, Any]] = []
     diags: list[dict[str, Any]] = []
@@ -545,7 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tqdm(total=stages_per_prefix * len(prefixes), desc="ttft", file=sys.stderr, unit="step") as progress:
             for P in prefixes:
-                row, diag = measure(P, all_ids, args, model, tokenizer, namespace, model_path, tmp, copy_bps, progress)
+                row, diag = measure(
+                    P, all_ids, args, model, tokenizer, namespace, model_path, tmp, copy_bps, timer, progress
+                )
                 rows.append(row)
                 diags.append(diag)
                 if torch.get_num_threads() != args.threads:
@@ -553,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    tgt = targets(rows)
+    tgt = targets(rows, diags)
     runtime = time.perf_counter() - start
     machine = machine_info(args.threads)
     machine["loadavg_start"] = load_before
@@ -575,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "targets": tgt,
         "diagnostics": diags,
+        "contention": timer.summary() | {"events": timer.events},
         "runtime_s": runtime,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -583,9 +710,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(rows, args.plot)
     print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else "") + f"; total runtime {runtime:.0f} s")
+    disturbed = timer.summary()["disturbed_calls"]
+    if disturbed:
+        print(
+            f"WARNING: other processes used >= {args.idle_threshold} cores during {len(disturbed)} timed calls "
+            f"(after {timer.reruns} re-runs): {', '.join(disturbed)}; those numbers are pessimistic",
+            file=sys.stderr,
+        )
     bad = [r["prefix_tokens"] for r in rows if not r["same_first_token"]]
     if bad:
-        print(f"WARNING: the first generated token differs between modes at prefix {bad}; see diagnostics", file=sys.stderr)
+        print(
+            f"WARNING: the first generated token differs between modes at prefix {bad}; see diagnostics",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 
 from kvtier.config import KvtierConfig
@@ -132,9 +133,21 @@ class CachedModel:
         self.close()
 
     def _cache_from(self, hit: RetrieveResult) -> DynamicCache:
-        # layers[l]: [2, H, N, D] -> K, V as [1, H, N, D]
-        data = [(layer[0].unsqueeze(0), layer[1].unsqueeze(0)) for layer in hit.layers]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+        """A DynamicCache that adopts the retrieved tensors (no copy).
+
+        ``DynamicLayer.update`` would concatenate onto an empty tensor, copying
+        the whole prefix once more; plain dynamic layers take the tensors as
+        they are instead (kvtier owns them and nobody else holds a reference).
+        """
+        cache = DynamicCache(config=self.model.config)
+        for layer, kv in zip(cache.layers, hit.layers, strict=True):
+            k, v = kv[0].unsqueeze(0), kv[1].unsqueeze(0)  # [2, H, N, D] -> [1, H, N, D] each
+            if type(layer) is DynamicLayer:
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            else:
+                layer.update(k, v)
+        return cache
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor | Sequence[int], **generate_kwargs: Any) -> Generation:
