@@ -22,7 +22,7 @@ generated greedily. Measured (seconds, median of ``--repeats`` after one warm-up
                           already in a DynamicCache (deep-copied outside the timed
                           region): the work no KV cache can remove
 * ``retrieve_l1_s``       ``engine.retrieve(..., max_tokens=P, out=bufs)`` from L1
-                          into preallocated, touched per-layer [2, H, P, D] buffers
+                          into a preallocated, touched [L, 2, H, P, D] buffer
 * ``retrieve_l1_alloc_s`` the same without ``out`` (fresh tensors)
 * ``retrieve_l2_s``       ``engine.retrieve(..., max_tokens=P, out=bufs)`` from disk
                           in the fresh process, page cache dropped, L1 disabled
@@ -131,15 +131,9 @@ def _namespace(model):
     return hf_namespace(model, tenant=config.tenant, hash_name=config.hash)
 
 
-def _out_buffers(layout, num_tokens: int) -> list[torch.Tensor]:
-    """Per layer one [2, H, num_tokens, D] buffer, allocated and touched once (as an engine's KV pool is)."""
-    bufs = [
-        torch.empty((2, layout.num_kv_heads, num_tokens, layout.head_dim), dtype=layout.torch_dtype)
-        for _ in range(layout.num_layers)
-    ]
-    for b in bufs:
-        b.zero_()
-    return bufs
+def _out_buffers(layout, num_tokens: int) -> torch.Tensor:
+    """One [L, 2, H, num_tokens, D] buffer, allocated and touched once (as an engine's KV pool is)."""
+    return torch.zeros(layout.chunk_shape(num_tokens), dtype=layout.torch_dtype)
 
 
 def _before() -> None:
@@ -352,7 +346,7 @@ def measure(
         retr_l1, retr_all, res, foreign["retrieve_l1"] = timer.timed(
             f"P{P} retrieve_l1", lambda: engine.retrieve(ids[0], max_tokens=P, out=bufs), repeats=R, before=_before
         )
-        if res.num_tokens != P or res.layers[0].data_ptr() != bufs[0].data_ptr():
+        if res.num_tokens != P or res.layers[0].data_ptr() != bufs.data_ptr():
             raise AssertionError(
                 f"retrieve into out= returned {res.num_tokens} tokens ({res.tiers}), expected {P} in out"
             )

@@ -182,7 +182,7 @@ class CacheEngine:
         return LookupResult(n, self._tier_tokens(plan, n), tuple(plan))
 
     def retrieve(
-        self, tokens: Tokens, *, max_tokens: int | None = None, out: Sequence[torch.Tensor] | None = None
+        self, tokens: Tokens, *, max_tokens: int | None = None, out: torch.Tensor | None = None
     ) -> RetrieveResult:
         """KV for the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
 
@@ -190,8 +190,9 @@ class CacheEngine:
         and layout; the first chunk that is missing or wrong ends the prefix
         (a wrong one is counted, logged and discarded from all tiers). Chunks
         read from a lower tier are promoted to the tiers above. With ``out``
-        (per layer, a [2, H, >=N, D] tensor) the KV is copied there; otherwise
-        new tensors are allocated. Blocks on tier reads.
+        (a caller-owned [L, 2, H, >=N, D] tensor) the KV is copied there and
+        the layers are views into it; otherwise new tensors are allocated.
+        Blocks on tier reads.
         """
         arr = _tokens(tokens)
         limit = len(arr) if max_tokens is None else max(0, min(max_tokens, len(arr)))

@@ -162,22 +162,27 @@ class TensorKV:
 
 
 def assemble_layers(
-    chunks: Sequence[torch.Tensor], layout: KVLayout, num_tokens: int, out: Sequence[torch.Tensor] | None = None
+    chunks: Sequence[torch.Tensor], layout: KVLayout, num_tokens: int, out: torch.Tensor | None = None
 ) -> list[torch.Tensor]:
     """Concatenate chunk payloads [L, 2, H, T_i, D] into per-layer [2, H, num_tokens, D] tensors.
 
-    ``num_tokens`` may cut the last chunk short. With ``out`` (one caller-owned
-    [2, H, >=num_tokens, D] tensor per layer) the result are views into ``out``
-    and nothing is allocated; otherwise new tensors are returned.
+    ``num_tokens`` may cut the last chunk short. With ``out`` (a caller-owned
+    [L, 2, H, >=num_tokens, D] tensor, e.g. an engine's preallocated KV memory)
+    each chunk is copied there with one strided copy and the result are the
+    per-layer views ``out[l, :, :, :num_tokens]``; nothing is allocated.
+    Otherwise each layer is a new tensor (one ``cat`` per layer: per-layer
+    allocations are small enough for the allocator to recycle warm pages).
     """
     if out is not None:
-        if len(out) != layout.num_layers:
-            raise ValueError(f"out must hold {layout.num_layers} layer tensors, got {len(out)}")
-        for t in out:
-            if t.dim() != 4 or t.shape[0] != 2 or t.shape[2] < num_tokens or t.dtype != layout.torch_dtype:
-                raise ValueError(
-                    f"out tensor {tuple(t.shape)} {t.dtype} cannot hold [2, H, {num_tokens}, D] of {layout.dtype}"
-                )
+        expected = layout.chunk_shape(num_tokens)
+        if (
+            out.dim() != 5
+            or out.dtype != layout.torch_dtype
+            or tuple(out.shape[:3]) != expected[:3]
+            or out.shape[4] != expected[4]
+            or out.shape[3] < num_tokens
+        ):
+            raise ValueError(f"out {tuple(out.shape)} {out.dtype} cannot hold {expected} of {layout.dtype}")
     pieces: list[torch.Tensor] = []
     remaining = num_tokens
     for chunk in chunks:
@@ -188,15 +193,10 @@ def assemble_layers(
             break
     if remaining:
         raise ValueError(f"chunks hold {num_tokens - remaining} tokens, {num_tokens} requested")
-    layers = []
-    for layer in range(layout.num_layers):
-        parts = [p[layer] for p in pieces]  # each [2, H, T_i, D]
-        if out is None:
-            layers.append(torch.cat(parts, dim=2))
-        else:
-            offset = 0
-            for part in parts:
-                out[layer][:, :, offset : offset + part.shape[2]].copy_(part)
-                offset += part.shape[2]
-            layers.append(out[layer][:, :, :num_tokens])
-    return layers
+    if out is None:
+        return [torch.cat([p[layer] for p in pieces], dim=2) for layer in range(layout.num_layers)]
+    offset = 0
+    for piece in pieces:
+        out[:, :, :, offset : offset + piece.shape[3]].copy_(piece)
+        offset += piece.shape[3]
+    return [out[layer, :, :, :num_tokens] for layer in range(layout.num_layers)]

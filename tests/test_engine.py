@@ -348,25 +348,26 @@ def test_tenants_do_not_share(make_engine: EngineFactory, namespace: Namespace, 
     assert make_engine(namespace.with_tenant("a")).lookup(tokens).num_tokens == 48
 
 
-def test_out_buffers_are_filled_and_returned_as_views(make_engine: EngineFactory, layout: KVLayout) -> None:
+def test_out_buffer_is_filled_and_returned_as_views(make_engine: EngineFactory, layout: KVLayout) -> None:
     engine = make_engine()
     tokens, kv = _tokens(100), _kv(layout, 100)
     engine.store(tokens, kv)
-    out = [torch.full((2, 2, 128, 4), -7.0) for _ in range(2)]
+    out = torch.full((2, 2, 2, 128, 4), -7.0)  # [L, 2, H, capacity, D]
     result = engine.retrieve(tokens, out=out)
     assert result.num_tokens == 100
-    for layer, (got, buf) in enumerate(zip(result.layers, out, strict=True)):
-        assert got.data_ptr() == buf.data_ptr()
-        assert got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+    for layer, got in enumerate(result.layers):
+        assert got.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        assert got.data_ptr() == out[layer].data_ptr()
         assert got.shape == (2, 2, 100, 4)
-        assert torch.equal(buf[:, :, :100], kv[layer])
-        assert bool((buf[:, :, 100:] == -7.0).all())
+        assert torch.equal(got, kv[layer])
+    assert torch.equal(out[:, :, :, :100], kv)
+    assert bool((out[:, :, :, 100:] == -7.0).all())
     with pytest.raises(ValueError):
-        engine.retrieve(tokens, out=[torch.empty(2, 2, 50, 4) for _ in range(2)])  # too short
+        engine.retrieve(tokens, out=torch.empty(2, 2, 2, 50, 4))  # too short
     with pytest.raises(ValueError):
-        engine.retrieve(tokens, out=[torch.empty(2, 2, 128, 4, dtype=torch.float16) for _ in range(2)])
+        engine.retrieve(tokens, out=torch.empty(2, 2, 2, 128, 4, dtype=torch.float16))
     with pytest.raises(ValueError):
-        engine.retrieve(tokens, out=[torch.empty(2, 2, 128, 4)])  # one layer missing
+        engine.retrieve(tokens, out=torch.empty(1, 2, 2, 128, 4))  # one layer missing
 
 
 def test_single_tier_engines(make_engine: EngineFactory, layout: KVLayout) -> None:
