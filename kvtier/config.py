@@ -55,6 +55,22 @@ class L2Config(_Frozen):
     fsync: bool = False
 
 
+class L3Config(_Frozen):
+    """Shared tier on Redis (standalone or cluster). Off unless enabled."""
+
+    enabled: bool = False
+    url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="redis://[user:password@]host:port/db, rediss://… (TLS), or redis+cluster://host:port[,host:port…]",
+    )
+    key_prefix: str = Field(default="kvtier", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    ttl_s: int | None = Field(default=None, gt=0, description="expire chunks after this many seconds")
+    connect_timeout_s: float = Field(default=0.5, gt=0)
+    timeout_s: float = Field(default=0.5, gt=0, description="bound on every Redis call")
+    max_connections: int = Field(default=16, gt=0)
+    retry_interval_s: float = Field(default=2.0, ge=0, description="after a failure, skip Redis this long")
+
+
 class KvtierConfig(_Frozen):
     """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
 
@@ -69,6 +85,7 @@ class KvtierConfig(_Frozen):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     l1: L1Config = L1Config()
     l2: L2Config = L2Config()
+    l3: L3Config = L3Config()
 
     @property
     def chunk_dir(self) -> Path:

@@ -117,8 +117,12 @@ class CacheEngine:
             backends.append(MemoryBackend(int(config.l1.max_bytes)))
         if config.l2.enabled:
             backends.append(DiskBackend(config.chunk_dir, int(config.l2.max_bytes), fsync=config.l2.fsync))
+        if config.l3.enabled:
+            from kvtier.storage.redis import RedisBackend  # redis-py is optional
+
+            backends.append(RedisBackend.from_config(config.l3, tenant=config.tenant))
         if not backends:
-            raise ValueError("at least one tier (l1 or l2) must be enabled")
+            raise ValueError("at least one tier (l1, l2 or l3) must be enabled")
         tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes))
         return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
 
