@@ -28,6 +28,7 @@ from kvtier.chunk import Chunk
 from kvtier.config import KvtierConfig
 from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
 from kvtier.layout import KVSource, TensorKV, assemble_layers
+from kvtier.metrics import KvtierMetrics
 from kvtier.storage import DiskBackend, MemoryBackend, StorageBackend, TierStack
 
 log = logging.getLogger(__name__)
@@ -104,14 +105,20 @@ class CacheEngine:
         self.tiers = tiers
         self.chunk_size = chunk_size
         self.store_partial = store_partial
+        self.metrics = tiers.metrics
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()
         self._invalid: Counter[str] = Counter()
 
     @classmethod
-    def from_config(cls, config: KvtierConfig, namespace: Namespace) -> CacheEngine:
-        """An engine with the tiers ``config`` enables (not started: call ``start`` or use ``with``)."""
+    def from_config(
+        cls, config: KvtierConfig, namespace: Namespace, *, metrics: KvtierMetrics | None = None
+    ) -> CacheEngine:
+        """An engine with the tiers ``config`` enables (not started: call ``start`` or use ``with``).
+
+        ``metrics`` lets several engines report into one registry; by default the engine has its own.
+        """
         backends: list[StorageBackend] = []
         if config.l1.enabled:
             backends.append(MemoryBackend(int(config.l1.max_bytes)))
@@ -123,7 +130,7 @@ class CacheEngine:
             backends.append(RedisBackend.from_config(config.l3, tenant=config.tenant))
         if not backends:
             raise ValueError("at least one tier (l1, l2 or l3) must be enabled")
-        tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes))
+        tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics)
         return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
 
     def start(self) -> CacheEngine:
@@ -158,7 +165,8 @@ class CacheEngine:
         if self.store_partial and tail_end > start:
             parent = plan[-1][0].key if plan else None
             candidates = list(partial_keys(self.namespace, parent, tokens[:tail_end], start))
-            for span, where in zip(candidates, self.tiers.locate([c.key for c in candidates]), strict=True):
+            located = self.tiers.locate([c.key for c in candidates], count_misses=False)
+            for span, where in zip(candidates, located, strict=True):
                 if where is not None:
                     plan.append((span, where))
                     break
@@ -223,11 +231,15 @@ class CacheEngine:
             self._counts["retrieves"] += 1
             self._counts["query_tokens"] += limit
             self._hits.update(tier_tokens)
+        self.metrics.query_tokens.inc(limit)
+        for tier, count in tier_tokens.items():
+            self.metrics.hit_tokens.labels(tier).inc(count)
         return RetrieveResult(n, layers, tier_tokens)
 
     def _count_invalid(self, reason: str) -> None:
         with self._lock:
             self._invalid[reason] += 1
+        self.metrics.invalid_chunks.labels(reason).inc()
 
     # -- store -------------------------------------------------------------------------------------------------
 
@@ -248,7 +260,7 @@ class CacheEngine:
         if self.store_partial and n > full_end:
             parent = spans[-1].key if spans else None
             spans.append(next(partial_keys(self.namespace, parent, arr[:n], full_end)))
-        where = self.tiers.locate([s.key for s in spans])
+        where = self.tiers.locate([s.key for s in spans], count_misses=False)
         new = [s for s, w in zip(spans, where, strict=True) if w is None]
         chunks = [
             Chunk(

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from kvtier.chunk import Chunk
 from kvtier.keys import ChunkKey
+from kvtier.metrics import KvtierMetrics
 from kvtier.storage.base import BackendStats, StorageBackend
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ _STOP = object()
 class TierStack:
     """An ordered list of backends, fastest first. Thread-safe."""
 
-    def __init__(self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int) -> None:
+    def __init__(
+        self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int, metrics: KvtierMetrics | None = None
+    ) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
         names = [t.name for t in tiers]
@@ -44,6 +47,8 @@ class TierStack:
             raise ValueError(f"tier names must be unique, got {names}")
         self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
         self.write_queue_bytes = write_queue_bytes
+        self.metrics = metrics if metrics is not None else KvtierMetrics()
+        self.metrics.watch_backends(self.stats)
         self._queue: queue.Queue[_WriteJob | object] = queue.Queue()
         self._queued_bytes = 0
         self._lock = threading.Lock()
@@ -83,18 +88,25 @@ class TierStack:
 
     # -- reads -------------------------------------------------------------------------------------------------
 
-    def locate(self, keys: Sequence[ChunkKey]) -> list[int | None]:
-        """For each key, the index of the highest tier holding it, or None."""
+    def locate(self, keys: Sequence[ChunkKey], *, count_misses: bool = True) -> list[int | None]:
+        """For each key, the index of the highest tier holding it, or None.
+
+        ``count_misses=False`` is for speculative probes (partial-chunk
+        candidates) that should not show up as tier misses in the metrics.
+        """
         where: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for ti, tier in enumerate(self.tiers):
             if not todo:
                 break
-            present = tier.contains([keys[i] for i in todo])
+            with self.metrics.timed(tier.name, "contains"):
+                present = tier.contains([keys[i] for i in todo])
             for i, ok in zip(todo, present, strict=True):
                 if ok:
                     where[i] = ti
             todo = [i for i in todo if where[i] is None]
+            if count_misses and todo:
+                self.metrics.misses.labels(tier.name).inc(len(todo))
         return where
 
     def get(self, keys: Sequence[ChunkKey], where: Sequence[int]) -> list[Chunk | None]:
@@ -103,9 +115,23 @@ class TierStack:
         for ti, tier in enumerate(self.tiers):
             idx = [i for i, w in enumerate(where) if w == ti]
             if idx:
-                for i, chunk in zip(idx, tier.get([keys[i] for i in idx]), strict=True):
+                with self.metrics.timed(tier.name, "get"):
+                    got = tier.get([keys[i] for i in idx])
+                for i, chunk in zip(idx, got, strict=True):
                     found[i] = chunk
+                hits = [c for c in got if c is not None]
+                self.metrics.hits.labels(tier.name).inc(len(hits))
+                self.metrics.bytes_read.labels(tier.name).inc(sum(c.payload.nbytes for c in hits))
         return found
+
+    def _put(self, ti: int, chunks: Sequence[Chunk]) -> int:
+        tier = self.tiers[ti]
+        with self.metrics.timed(tier.name, "put"):
+            accepted = tier.put(chunks)
+        self.metrics.bytes_written.labels(tier.name).inc(
+            sum(c.payload.nbytes for c, ok in zip(chunks, accepted, strict=True) if ok)
+        )
+        return sum(accepted)
 
     def discard(self, key: ChunkKey) -> None:
         """Remove a key from every tier (used when a chunk proves to be wrong)."""
@@ -118,7 +144,7 @@ class TierStack:
         """Store new chunks: top tier now, lower tiers in the background. Returns how many the top tier took."""
         if not chunks:
             return 0
-        accepted = sum(self.tiers[0].put(chunks))
+        accepted = self._put(0, chunks)
         self._enqueue(chunks, tuple(range(1, len(self.tiers))))
         return accepted
 
@@ -126,7 +152,7 @@ class TierStack:
         """Copy chunks read from ``source_tier`` into the tiers above it (top tier synchronously)."""
         if source_tier <= 0 or not chunks:
             return
-        self.tiers[0].put(chunks)
+        self._put(0, chunks)
         self._enqueue(chunks, tuple(range(1, source_tier)))
 
     def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> None:
@@ -136,6 +162,7 @@ class TierStack:
         with self._lock:
             if self._queued_bytes + nbytes > self.write_queue_bytes:
                 self._dropped_writes += len(chunks)
+                self.metrics.dropped_writes.inc(len(chunks))
                 log.warning("write-behind queue full: dropped %d chunks for %s", len(chunks), self.names[1:])
                 return
             self._queued_bytes += nbytes
@@ -150,7 +177,7 @@ class TierStack:
             assert isinstance(job, _WriteJob)
             for ti in job.tiers:
                 try:
-                    self.tiers[ti].put(job.chunks)
+                    self._put(ti, job.chunks)
                 except Exception:  # a failing tier must not kill the writer; it is counted and logged
                     log.exception("write-behind to %s failed", self.tiers[ti].name)
                     with self._lock:

@@ -1,0 +1,142 @@
+"""The byte format every codec writes, and :class:`FramedCodec`, a base stage plus an optional lossless stage.
+
+An encoded payload is a 64-byte little-endian header followed by the body::
+
+    offset size field
+         0    4 magic b"KVCD"
+         4    1 format version (1)
+         5    1 base stage id        (raw 1, fp16 2, bf16 3, int8 4, fp8 5, int4 6)
+         6    1 lossless stage id    (none 0, zstd 1, lz4 2)
+         7    1 shuffle element size (1: bytes not shuffled)
+         8    1 payload dtype        (float32 1, float16 2, bfloat16 3)
+         9    3 zero
+        12   20 shape, 5 x u32       (L, 2, H, T, D)
+        32    8 u64 base stage output length
+        40    8 u64 body length      (equal to the above without a lossless stage)
+        48    4 u32 CRC-32 of bytes 0..47
+        52   12 zero
+
+The header's CRC catches any damaged header byte; the recorded ids, dtype and
+shape must equal the decoding codec's and the caller's; the lengths must equal
+what the base stage produces for that shape and the bytes actually present.
+The body's integrity beyond that is the chunk checksum's job (zstd and lz4
+frames also carry their own content checksums). The body starts 64 bytes in,
+so a body in an aligned buffer is aligned for any element type.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import torch
+from kvtier.codec.lossless import shuffle, unshuffle
+
+from kvtier.codec.base import BaseStage, Buffer, CodecError, LosslessStage, Shape, check_payload, check_shape
+
+MAGIC = b"KVCD"
+VERSION = 1
+_HEAD = struct.Struct("<4sBBBBB3x5IQQ")
+_CRC = struct.Struct("<I")
+HEADER_BYTES = 64
+assert _HEAD.size + _CRC.size <= HEADER_BYTES
+
+_DTYPE_IDS: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+class FramedCodec:
+    """A :class:`~kvtier.codec.base.Codec`: ``base`` stage, then ``lossless`` stage if any, in the frame above.
+
+    Immutable and stateless; safe to share between threads.
+    """
+
+    def __init__(self, base: BaseStage, lossless: LosslessStage | None = None) -> None:
+        self._base = base
+        self._lossless = lossless
+        self.name = base.name if lossless is None else f"{base.name}+{lossless.name}"
+        self.lossy = base.lossy
+
+    def __repr__(self) -> str:
+        return f"<codec {self.name}>"
+
+    def encode(self, payload: torch.Tensor) -> bytes:
+        """See :meth:`kvtier.codec.base.Codec.encode`. The result is new bytes owned by the caller."""
+        check_payload(payload)
+        shape, dtype = tuple(payload.shape), payload.dtype
+        raw = self._base.encode(payload.contiguous())  # [n] uint8, new memory
+        assert raw.numel() == self._base.encoded_size(shape, dtype)
+        raw_view = memoryview(raw.numpy())
+        shuffle_size = 1
+        if self._lossless is None:
+            body: Buffer = raw_view
+        else:
+            shuffle_size = self._base.shuffle_size(dtype)
+            body = self._lossless.compress(shuffle(raw_view, shuffle_size) if shuffle_size > 1 else raw_view)
+        head = _HEAD.pack(
+            MAGIC,
+            VERSION,
+            self._base.ident,
+            0 if self._lossless is None else self._lossless.ident,
+            shuffle_size,
+            _DTYPE_IDS[dtype],
+            *shape,
+            len(raw_view),
+            len(body),
+        )
+        head += _CRC.pack(zlib.crc32(head))
+        return b"".join((head, bytes(HEADER_BYTES - len(head)), body))
+
+    def decode(self, data: Buffer, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        """See :meth:`kvtier.codec.base.Codec.decode` (ownership: only ``raw`` may share ``data``).
+
+        Raises ValueError for a ``shape``/``dtype`` that no payload can have,
+        CodecError for data that does not decode to them.
+        """
+        shape = tuple(shape)
+        check_shape(shape)
+        if dtype not in _DTYPE_IDS:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPE_IDS)}, got {dtype}")
+        view = memoryview(data).cast("B")
+        raw_len, shuffle_size = self._check_header(view, shape, dtype)
+        body = view[HEADER_BYTES:]
+        if self._lossless is None:
+            if not body.readonly:
+                return self._base.decode(torch.frombuffer(body, dtype=torch.uint8), shape, dtype)
+            raw = bytearray(body)  # torch cannot wrap read-only memory; this copy is the tensor's own
+        else:
+            raw = self._lossless.decompress(body, raw_len)
+            if shuffle_size > 1:
+                raw = unshuffle(memoryview(raw), shuffle_size)
+        return self._base.decode(torch.frombuffer(raw, dtype=torch.uint8), shape, dtype)
+
+    def _check_header(self, view: memoryview, shape: Shape, dtype: torch.dtype) -> tuple[int, int]:
+        """Validate the header against this codec, the caller's shape/dtype and the data's length.
+
+        Returns (base output length, shuffle element size); raises CodecError.
+        """
+        if len(view) < HEADER_BYTES:
+            raise CodecError(f"truncated: {len(view)} bytes, less than the {HEADER_BYTES}-byte header")
+        fields = _HEAD.unpack_from(view)
+        magic, version, base_id, lossless_id, shuffle_size, dtype_id = fields[:6]
+        data_shape, raw_len, body_len = fields[6:11], fields[11], fields[12]
+        if magic != MAGIC:
+            raise CodecError(f"not kvtier codec data (magic {bytes(magic)!r})")
+        if version != VERSION:
+            raise CodecError(f"unsupported codec format version {version}")
+        (crc,) = _CRC.unpack_from(view, _HEAD.size)
+        if crc != zlib.crc32(view[: _HEAD.size]):
+            raise CodecError("codec header checksum mismatch")
+        expected_lossless = 0 if self._lossless is None else self._lossless.ident
+        if base_id != self._base.ident or lossless_id != expected_lossless:
+            raise CodecError(f"data was not written by codec {self.name!r} (ids {base_id}, {lossless_id})")
+        if dtype_id != _DTYPE_IDS[dtype] or data_shape != shape:
+            raise CodecError(f"data encodes shape {list(data_shape)} dtype #{dtype_id}, not {list(shape)} {dtype}")
+        expected_raw = self._base.encoded_size(shape, dtype)
+        expected_shuffle = 1 if self._lossless is None else self._base.shuffle_size(dtype)
+        if raw_len != expected_raw or shuffle_size != expected_shuffle:
+            raise CodecError(f"header says {raw_len} bytes shuffled by {shuffle_size}, codec makes {expected_raw}")
+        if self._lossless is None and body_len != raw_len:
+            raise CodecError(f"header body length {body_len} != {raw_len}")
+        if body_len != len(view) - HEADER_BYTES:
+            raise CodecError(f"body is {len(view) - HEADER_BYTES} bytes, header says {body_len} (truncated?)")
+        return raw_len, shuffle_size
