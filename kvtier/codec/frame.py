@@ -30,9 +30,9 @@ import struct
 import zlib
 
 import torch
-from kvtier.codec.lossless import shuffle, unshuffle
 
 from kvtier.codec.base import BaseStage, Buffer, CodecError, LosslessStage, Shape, check_payload, check_shape
+from kvtier.codec.lossless import shuffle, unshuffle
 
 MAGIC = b"KVCD"
 VERSION = 1
