@@ -6,8 +6,13 @@ wire it is ``encode``-d into::
     b"KVTC" | u16 version | u32 header length | JSON header | payload bytes
 
 The JSON header holds the key, parent key, namespace digest, layout, codec,
-token ids, payload length and an xxh3-128 checksum of the payload. ``decode``
-checks the framing, length and checksum; :meth:`Chunk.mismatch` checks that a
+token ids, payload length and an xxh3-128 checksum of the payload bytes. The
+codec is a property of the *stored* form: ``raw`` means the payload's own bytes
+(written and read without a copy); any other name is a :mod:`kvtier.codec`
+spec (``int8+zstd``…) and the payload bytes are that codec's output. A reader
+decodes whatever codec the header names, whatever codec it writes with itself;
+a name it does not know is a ChunkFormatError (a miss), never a guess.
+``decode`` checks the framing, length and checksum; :meth:`Chunk.mismatch` checks that a
 chunk is the one the caller asked for (key, tokens, namespace, layout). A
 chunk that fails either is never handed to an engine.
 """
@@ -22,6 +27,7 @@ import numpy as np
 import torch
 import xxhash
 
+from kvtier.codec import Codec, CodecError, get_codec
 from kvtier.errors import ChunkFormatError
 from kvtier.keys import ChunkKey
 from kvtier.layout import KVLayout
@@ -87,14 +93,14 @@ class Chunk:
         return None
 
 
-def _header(chunk: Chunk, payload: memoryview) -> bytes:
+def _header(chunk: Chunk, payload: memoryview | bytes, codec: str) -> bytes:
     return json.dumps(
         {
             "key": chunk.key.hex(),
             "parent": chunk.parent.hex() if chunk.parent is not None else None,
             "namespace": chunk.namespace.hex(),
             "layout": chunk.layout.to_dict(),
-            "codec": chunk.codec,
+            "codec": codec,
             "tokens": chunk.tokens.tolist(),
             "payload_len": len(payload),
             "checksum": payload_checksum(payload),
@@ -108,15 +114,27 @@ def payload_view(chunk: Chunk) -> memoryview:
     return memoryview(chunk.payload.view(torch.uint8).reshape(-1).numpy())
 
 
-def encode_header(chunk: Chunk) -> bytes:
-    """The framing and header that precede the payload bytes in an encoded chunk."""
-    header = _header(chunk, payload_view(chunk))
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header
+def encode_parts(chunk: Chunk, codec: Codec | None = None) -> tuple[bytes, memoryview | bytes]:
+    """(framing + header, payload bytes) of the stored form of ``chunk``.
+
+    Without a codec, or with ``raw``, the payload bytes are a view of the
+    chunk's own memory (no copy; valid while the chunk lives). Otherwise they
+    are the codec's output (new bytes). CPU cost: one checksum pass, plus the
+    codec's encode.
+    """
+    if codec is None or codec.name == CODEC_RAW:
+        body: memoryview | bytes = payload_view(chunk)
+        name = CODEC_RAW
+    else:
+        body, name = codec.encode(chunk.payload), codec.name
+    header = _header(chunk, body, name)
+    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header, body
 
 
-def encode(chunk: Chunk) -> bytes:
-    """The whole encoded chunk as one bytes object (a copy of the payload)."""
-    return encode_header(chunk) + payload_view(chunk).tobytes()
+def encode(chunk: Chunk, codec: Codec | None = None) -> bytes:
+    """The whole encoded chunk as one bytes object."""
+    header, body = encode_parts(chunk, codec)
+    return header + bytes(body)
 
 
 @dataclass(frozen=True)
@@ -160,11 +178,15 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ChunkFormatError(f"malformed header: {exc}") from exc
-    expected = len(header.tokens) * header.layout.bytes_per_token
-    if header.codec != CODEC_RAW:
-        raise ChunkFormatError(f"unsupported codec {header.codec!r}")
-    if header.payload_len != expected:
-        raise ChunkFormatError(f"payload length {header.payload_len} does not match layout ({expected})")
+    if header.codec == CODEC_RAW:
+        expected = len(header.tokens) * header.layout.bytes_per_token
+        if header.payload_len != expected:
+            raise ChunkFormatError(f"payload length {header.payload_len} does not match layout ({expected})")
+    else:
+        try:
+            get_codec(header.codec)
+        except ValueError as exc:
+            raise ChunkFormatError(f"unknown codec {header.codec!r}") from exc
     return header
 
 
@@ -179,14 +201,22 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     if payload_checksum(payload) != header.checksum:
         raise ChunkFormatError("payload checksum mismatch")
     dtype = header.layout.torch_dtype
-    flat = torch.frombuffer(payload, dtype=dtype) if len(payload) else torch.empty(0, dtype=dtype)
+    shape = header.layout.chunk_shape(len(header.tokens))
+    if header.codec == CODEC_RAW:
+        flat = torch.frombuffer(payload, dtype=dtype) if len(payload) else torch.empty(0, dtype=dtype)
+        tensor = flat.view(shape)
+    else:
+        try:
+            tensor = get_codec(header.codec).decode(payload, shape, dtype)
+        except (CodecError, ValueError) as exc:
+            raise ChunkFormatError(f"{header.codec} payload does not decode: {exc}") from exc
     return Chunk(
         key=header.key,
         parent=header.parent,
         namespace=header.namespace,
         layout=header.layout,
         tokens=header.tokens,
-        payload=flat.view(header.layout.chunk_shape(len(header.tokens))),
+        payload=tensor,
         codec=header.codec,
     )
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from kvtier.errors import ConfigError
 
@@ -28,6 +28,15 @@ ENV_PREFIX = "KVTIER_"
 ENV_CONFIG_FILE = "KVTIER_CONFIG"
 
 PositiveBytes = Annotated[ByteSize, Field(gt=0)]
+
+
+def _valid_codec(spec: str) -> str:
+    from kvtier.codec import get_codec
+
+    return get_codec(spec).name  # ValueError (listing the valid specs) for an unknown one
+
+
+CodecSpec = Annotated[str, AfterValidator(_valid_codec)]
 
 
 def default_cache_dir() -> Path:
@@ -44,6 +53,7 @@ class L1Config(_Frozen):
 
     enabled: bool = True
     max_bytes: PositiveBytes = ByteSize(2 * 10**9)
+    codec: CodecSpec = Field(default="raw", description="how chunks are held in memory (raw: as tensors)")
 
 
 class L2Config(_Frozen):
@@ -53,6 +63,7 @@ class L2Config(_Frozen):
     path: Path | None = Field(default=None, description="chunk directory; default <cache_dir>/chunks")
     max_bytes: PositiveBytes = ByteSize(20 * 10**9)
     fsync: bool = False
+    codec: CodecSpec = Field(default="raw", description="codec of chunk files, e.g. int8+zstd")
 
 
 class L3Config(_Frozen):
@@ -69,6 +80,7 @@ class L3Config(_Frozen):
     timeout_s: float = Field(default=0.5, gt=0, description="bound on every Redis call")
     max_connections: int = Field(default=16, gt=0)
     retry_interval_s: float = Field(default=2.0, ge=0, description="after a failure, skip Redis this long")
+    codec: CodecSpec = Field(default="raw", description="codec of chunk values, e.g. int8+zstd")
 
 
 class KvtierConfig(_Frozen):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from kvtier.chunk import Chunk
+from kvtier.codec import get_codec
 from kvtier.config import KvtierConfig
 from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
 from kvtier.layout import KVSource, TensorKV, assemble_layers
@@ -121,9 +122,13 @@ class CacheEngine:
         """
         backends: list[StorageBackend] = []
         if config.l1.enabled:
-            backends.append(MemoryBackend(int(config.l1.max_bytes)))
+            backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec)))
         if config.l2.enabled:
-            backends.append(DiskBackend(config.chunk_dir, int(config.l2.max_bytes), fsync=config.l2.fsync))
+            backends.append(
+                DiskBackend(
+                    config.chunk_dir, int(config.l2.max_bytes), fsync=config.l2.fsync, codec=get_codec(config.l2.codec)
+                )
+            )
         if config.l3.enabled:
             from kvtier.storage.redis import RedisBackend  # redis-py is optional
 

@@ -18,9 +18,8 @@ from kvtier.chunk import (
     decode_header,
     decode_payload,
     encode,
-    encode_header,
+    encode_parts,
     payload_checksum,
-    payload_view,
 )
 from kvtier.errors import ChunkFormatError
 from kvtier.keys import Namespace, chunk_spans
@@ -75,7 +74,8 @@ def test_round_trip(layout: KVLayout, dtype: str, index: int) -> None:
 def test_encoding_layout(layout: KVLayout) -> None:
     chunk = _chunk(layout, index=1)
     data = encode(chunk)
-    assert data == encode_header(chunk) + bytes(payload_view(chunk))
+    header, body = encode_parts(chunk)
+    assert data == header + bytes(body)
     header, payload = _split(data)
     assert payload == chunk.payload.numpy().tobytes()
     assert len(payload) == 4 * layout.bytes_per_token == 4 * 128
@@ -96,7 +96,7 @@ def test_decode_header_offset_and_decode_payload(layout: KVLayout) -> None:
     chunk = _chunk(layout)
     data = encode(chunk)
     header = decode_header(data)
-    assert header.offset == len(encode_header(chunk))
+    assert header.offset == len(encode_parts(chunk)[0])
     assert header.payload_len == 512
     back = decode_payload(header, bytearray(data[header.offset :]))
     assert torch.equal(back.payload, chunk.payload)
@@ -199,7 +199,7 @@ def _tokens_disagree_with_payload(data: bytes) -> bytes:
         (_not_json, "malformed header"),
         (_garbage_header, "malformed header"),
         (_missing_field, "malformed header"),
-        (_bad_codec, "unsupported codec"),
+        (_bad_codec, "unknown codec"),
         (_bad_layout, "malformed header"),
     ],
     ids=[

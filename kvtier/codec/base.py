@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from kvtier.errors import KvtierError
@@ -93,16 +94,16 @@ class BaseStage(Protocol):
 class LosslessStage(Protocol):
     """The optional second stage: byte string <-> compressed byte string.
 
-    ``decompress`` returns a writable buffer of exactly ``size`` bytes (new
-    memory) or raises :class:`CodecError`.
+    ``decompress`` returns a new writable uint8 array of exactly ``size``
+    bytes or raises :class:`CodecError`.
     """
 
     name: ClassVar[str]
     ident: ClassVar[int]
 
-    def compress(self, data: memoryview) -> bytes: ...
+    def compress(self, data: memoryview | np.ndarray) -> bytes: ...
 
-    def decompress(self, data: memoryview, size: int) -> bytearray: ...
+    def decompress(self, data: memoryview, size: int) -> np.ndarray: ...
 
 
 def check_payload(payload: torch.Tensor) -> None:

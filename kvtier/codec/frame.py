@@ -13,12 +13,13 @@ An encoded payload is a 64-byte little-endian header followed by the body::
         12   20 shape, 5 x u32       (L, 2, H, T, D)
         32    8 u64 base stage output length
         40    8 u64 body length      (equal to the above without a lossless stage)
-        48    4 u32 CRC-32 of bytes 0..47
-        52   12 zero
+        48   12 zero
+        60    4 u32 CRC-32 of bytes 0..59
 
-The header's CRC catches any damaged header byte; the recorded ids, dtype and
-shape must equal the decoding codec's and the caller's; the lengths must equal
-what the base stage produces for that shape and the bytes actually present.
+The CRC catches any damaged header byte (CRC-32 detects every burst of up to
+32 bits); the recorded ids, dtype and shape must equal the decoding codec's and
+the caller's; the lengths must equal what the base stage produces for that
+shape and the bytes actually present.
 The body's integrity beyond that is the chunk checksum's job (zstd and lz4
 frames also carry their own content checksums). The body starts 64 bytes in,
 so a body in an aligned buffer is aligned for any element type.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import struct
 import zlib
 
+import numpy as np
 import torch
 
 from kvtier.codec.base import BaseStage, Buffer, CodecError, LosslessStage, Shape, check_payload, check_shape
@@ -36,10 +38,9 @@ from kvtier.codec.lossless import shuffle, unshuffle
 
 MAGIC = b"KVCD"
 VERSION = 1
-_HEAD = struct.Struct("<4sBBBBB3x5IQQ")
+_HEAD = struct.Struct("<4sBBBBB3x5IQQ12x")  # everything but the CRC
 _CRC = struct.Struct("<I")
-HEADER_BYTES = 64
-assert _HEAD.size + _CRC.size <= HEADER_BYTES
+HEADER_BYTES = _HEAD.size + _CRC.size  # 64
 
 _DTYPE_IDS: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
@@ -83,8 +84,7 @@ class FramedCodec:
             len(raw_view),
             len(body),
         )
-        head += _CRC.pack(zlib.crc32(head))
-        return b"".join((head, bytes(HEADER_BYTES - len(head)), body))
+        return b"".join((head, _CRC.pack(zlib.crc32(head)), body))
 
     def decode(self, data: Buffer, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         """See :meth:`kvtier.codec.base.Codec.decode` (ownership: only ``raw`` may share ``data``).
@@ -102,12 +102,12 @@ class FramedCodec:
         if self._lossless is None:
             if not body.readonly:
                 return self._base.decode(torch.frombuffer(body, dtype=torch.uint8), shape, dtype)
-            raw = bytearray(body)  # torch cannot wrap read-only memory; this copy is the tensor's own
+            raw = np.frombuffer(body, dtype=np.uint8).copy()  # torch cannot wrap read-only memory
         else:
             raw = self._lossless.decompress(body, raw_len)
             if shuffle_size > 1:
-                raw = unshuffle(memoryview(raw), shuffle_size)
-        return self._base.decode(torch.frombuffer(raw, dtype=torch.uint8), shape, dtype)
+                raw = unshuffle(raw, shuffle_size)
+        return self._base.decode(torch.from_numpy(raw), shape, dtype)
 
     def _check_header(self, view: memoryview, shape: Shape, dtype: torch.dtype) -> tuple[int, int]:
         """Validate the header against this codec, the caller's shape/dtype and the data's length.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from kvtier.chunk import Chunk
+from kvtier.chunk import CODEC_RAW, Chunk, decode, encode
+from kvtier.codec import Codec
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import BackendStats
@@ -17,14 +18,18 @@ class MemoryBackend:
     Data in process memory is trusted: it entered through ``put`` from the
     engine or from a lower tier that verified its checksum, so ``get`` does
     not re-checksum. The budget counts payload and token bytes.
+
+    With a non-raw ``codec`` chunks are held encoded (smaller, so more fit the
+    budget) and decoded on every ``get``; the budget then counts encoded bytes.
     """
 
-    def __init__(self, max_bytes: int, name: str = "cpu") -> None:
+    def __init__(self, max_bytes: int, *, codec: Codec | None = None, name: str = "cpu") -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.name = name
         self.max_bytes = max_bytes
-        self._chunks: dict[ChunkKey, Chunk] = {}
+        self.codec = codec if codec is not None and codec.name != CODEC_RAW else None
+        self._chunks: dict[ChunkKey, Chunk | bytes] = {}
         self._lru = PrefixLRU()
         self._lock = threading.Lock()
         self._evictions = 0
@@ -39,27 +44,28 @@ class MemoryBackend:
 
     def get(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
         with self._lock:
-            found = [self._chunks.get(k) for k in keys]
-            self._lru.touch([k for k, c in zip(keys, found, strict=True) if c is not None])
-            return found
+            held = [self._chunks.get(k) for k in keys]
+            self._lru.touch([k for k, c in zip(keys, held, strict=True) if c is not None])
+        return [decode(bytearray(c)) if isinstance(c, bytes) else c for c in held]
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         results: list[bool] = []
         rejected: set[ChunkKey] = set()
+        held = [encode(c, self.codec) if self.codec is not None else c for c in chunks]  # encode outside the lock
         with self._lock:
-            for chunk in chunks:
+            for chunk, form in zip(chunks, held, strict=True):
                 # A child of a chunk this batch could not store would only push reachable prefixes out.
-                ok = chunk.parent not in rejected and self._put_one(chunk)
+                ok = chunk.parent not in rejected and self._put_one(chunk, form)
                 if not ok:
                     rejected.add(chunk.key)
                 results.append(ok)
         return results
 
-    def _put_one(self, chunk: Chunk) -> bool:
+    def _put_one(self, chunk: Chunk, held: Chunk | bytes) -> bool:
         if chunk.key in self._chunks:
-            self._lru.add(chunk.key, chunk.parent, chunk.nbytes)  # touch
+            self._lru.touch([chunk.key])
             return True
-        self._lru.add(chunk.key, chunk.parent, chunk.nbytes)
+        self._lru.add(chunk.key, chunk.parent, chunk.nbytes if isinstance(held, Chunk) else len(held))
         victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key])
         if victims is None:
             self._lru.remove(chunk.key)
@@ -69,7 +75,7 @@ class MemoryBackend:
             self._lru.remove(victim)
             del self._chunks[victim]
         self._evictions += len(victims)
-        self._chunks[chunk.key] = chunk
+        self._chunks[chunk.key] = held
         assert self._lru.used_bytes <= self.max_bytes
         return True
 

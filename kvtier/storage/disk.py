@@ -23,10 +23,10 @@ from kvtier.chunk import (
     ChunkHeader,
     decode_header,
     decode_payload,
-    encode_header,
+    encode_parts,
     header_length,
-    payload_view,
 )
+from kvtier.codec import Codec
 from kvtier.errors import ChunkFormatError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
@@ -42,13 +42,16 @@ _HEAD_READ = 1 << 16
 class DiskBackend:
     """A directory of chunk files. Thread-safe; file I/O runs outside the index lock."""
 
-    def __init__(self, root: Path, max_bytes: int, *, fsync: bool = False, name: str = "disk") -> None:
+    def __init__(
+        self, root: Path, max_bytes: int, *, fsync: bool = False, codec: Codec | None = None, name: str = "disk"
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.name = name
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.fsync = fsync
+        self.codec = codec  # None: raw payload bytes
         self._lru = PrefixLRU()
         self._parents: dict[ChunkKey, ChunkKey | None] = {}
         self._pending: set[ChunkKey] = set()  # reserved in the index, file not yet in place
@@ -179,8 +182,7 @@ class DiskBackend:
         return results
 
     def _put_one(self, chunk: Chunk) -> bool:
-        header = encode_header(chunk)
-        payload = payload_view(chunk)
+        header, payload = encode_parts(chunk, self.codec)
         size = len(header) + len(payload)
         with self._lock:
             if chunk.key in self._lru:

@@ -1,0 +1,103 @@
+"""Codecs in the chunk format and the tiers: the header names the codec, readers follow the header."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.chunk import Chunk, decode, encode
+from kvtier.codec import get_codec
+from kvtier.config import load_config
+from kvtier.engine import CacheEngine
+from kvtier.errors import ChunkFormatError, ConfigError
+from kvtier.keys import Namespace, chunk_spans
+from kvtier.layout import KVLayout
+
+
+@pytest.fixture
+def big_ns() -> Namespace:
+    """A layout whose chunks are large next to their header, as real ones are."""
+    return Namespace("codec-test-model", KVLayout(num_layers=2, num_kv_heads=2, head_dim=64))
+
+
+def _chunk(namespace: Namespace, n: int = 16) -> Chunk:
+    tokens = np.arange(n, dtype="<u4")
+    span = chunk_spans(namespace, tokens, n)[0]
+    payload = torch.randn(namespace.layout.chunk_shape(n), generator=torch.Generator().manual_seed(1))
+    return Chunk(span.key, None, namespace.digest, namespace.layout, tokens, payload)
+
+
+@pytest.mark.parametrize("spec", ["raw+zstd", "fp16", "bf16", "int8", "int8+zstd", "fp8", "int4+lz4"])
+def test_encoded_chunk_names_its_codec_and_decodes(namespace: Namespace, spec: str) -> None:
+    chunk = _chunk(namespace)
+    data = encode(chunk, get_codec(spec))
+    back = decode(bytearray(data))
+    assert back.codec == spec
+    assert back.key == chunk.key and np.array_equal(back.tokens, chunk.tokens)
+    assert back.payload.shape == chunk.payload.shape and back.payload.dtype == chunk.payload.dtype
+    err = (back.payload - chunk.payload).abs().max().item()
+    assert err == 0.0 if not get_codec(spec).lossy else err < 0.5
+
+
+def test_unknown_codec_in_header_is_a_format_error(namespace: Namespace) -> None:
+    data = encode(_chunk(namespace), get_codec("int8"))
+    forged = data.replace(b'"codec":"int8"', b'"codec":"int9"', 1)
+    assert forged != data
+    with pytest.raises(ChunkFormatError, match="unknown codec"):
+        decode(bytearray(forged))
+
+
+def test_body_of_another_codec_is_a_format_error(namespace: Namespace) -> None:
+    chunk = _chunk(namespace)
+    int8 = encode(chunk, get_codec("int8"))
+    fp16 = encode(chunk, get_codec("fp16"))
+    # graft the fp16 body under the int8 header (checksum fixed up): the codec's own framing refuses it
+    head_len = int8.index(b"}") + 1
+    header = int8[:head_len].replace(b'"codec":"int8"', b'"codec":"fp16"')
+    with pytest.raises(ChunkFormatError):
+        decode(bytearray(header + fp16[head_len:]))
+
+
+def test_config_rejects_unknown_codec(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"l2\.codec"):
+        load_config(env={}, overrides={"l2.codec": "int3"})
+    assert load_config(env={}, overrides={"l2.codec": "INT8+ZSTD"}).l2.codec == "int8+zstd"
+
+
+def _engine(tmp_path: Path, namespace: Namespace, **overrides: object) -> CacheEngine:
+    values = {"cache_dir": str(tmp_path), "chunk_size": 16, **overrides}
+    return CacheEngine.from_config(load_config(env={}, overrides=values), namespace).start()
+
+
+def test_disk_codec_shrinks_files_and_any_reader_decodes_them(tmp_path: Path, big_ns: Namespace) -> None:
+    tokens = np.arange(64)
+    kv = torch.randn(big_ns.layout.chunk_shape(64))
+    with _engine(tmp_path / "raw", big_ns) as raw:
+        raw.store(tokens, kv)
+    with _engine(tmp_path / "int8", big_ns, **{"l2.codec": "int8"}) as q:
+        q.store(tokens, kv)
+    raw_bytes = sum(p.stat().st_size for p in (tmp_path / "raw").rglob("*.kvc"))
+    int8_bytes = sum(p.stat().st_size for p in (tmp_path / "int8").rglob("*.kvc"))
+    assert int8_bytes < 0.4 * raw_bytes
+    # a reader configured with another codec (raw, L1 off) still decodes what the header names
+    with _engine(tmp_path / "int8", big_ns, **{"l1.enabled": False}) as reader:
+        hit = reader.retrieve(tokens)
+    assert hit.num_tokens == 64 and hit.tier_tokens["disk"] == 64
+    got = torch.stack(hit.layers)
+    assert 0 < (got - kv).abs().max().item() < 0.1
+
+
+def test_l1_codec_holds_encoded_chunks_within_budget(tmp_path: Path, big_ns: Namespace) -> None:
+    tokens = np.arange(64)
+    kv = torch.randn(big_ns.layout.chunk_shape(64))
+    with _engine(tmp_path, big_ns, **{"l1.codec": "fp16", "l2.enabled": False}) as engine:
+        engine.store(tokens, kv)
+        stats = engine.tiers.stats()[0]
+        hit = engine.retrieve(tokens)
+    assert stats.entries == 4
+    assert stats.used_bytes < 0.6 * kv.nbytes
+    got = torch.stack(hit.layers)
+    assert torch.allclose(got, kv, rtol=1e-3, atol=1e-3)
