@@ -18,8 +18,8 @@ small rows keep 3 significant bits instead of underflowing: the error is at most
 2^-4 of ``|x|`` where ``|x / scale| >= 2^-6`` (e4m3's smallest normal) and at
 most ``2^-10 * scale`` below that. Bytes as for int8, q in e4m3.
 
-``int4``: keys per channel in groups of G=32 tokens along T, values per token
-in groups of G=32 along D (the last group of each may be shorter; a dim
+``int4``: keys per channel in groups of G=64 tokens along T, values per token
+in groups of G=64 along D (the last group of each may be shorter; a dim
 shorter than G is one group). Per group ``min`` and ``scale = (max - min) / 15``
 are stored as float16, ``min`` rounded down and ``scale`` rounded up so the 16
 levels ``min + q * scale`` still span the group; ``q = round((x - min) /
@@ -40,7 +40,7 @@ import torch
 
 from kvtier.codec.base import Shape
 
-INT4_GROUP = 32
+INT4_GROUP = 64
 
 
 def _offsets(sizes: list[int]) -> list[int]:

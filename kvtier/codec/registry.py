@@ -13,7 +13,7 @@ CODECS: tuple[str, ...] = tuple(base.name for base in _BASES)
 LOSSLESS_STAGES: tuple[str, ...] = LOSSLESS
 
 
-def get_codec(spec: str, *, zstd_level: int = 3) -> Codec:
+def get_codec(spec: str, *, zstd_level: int = 1) -> Codec:
     """A new codec for ``spec`` (``BASE`` or ``BASE+LOSSLESS``).
 
     BASE is one of :data:`CODECS`, LOSSLESS one of :data:`LOSSLESS_STAGES`;

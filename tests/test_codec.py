@@ -1,0 +1,512 @@
+"""kvtier.codec: error bounds per codec, sizes, the byte frame's validation, and property tests over shapes/dtypes.
+
+Every bound is computed here from the input alone (scales, group min/max),
+independently of the codec's code, and checked element by element.
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import sys
+import zlib
+from math import ceil
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvtier.codec import CODECS, LOSSLESS_STAGES, Codec, CodecError, get_codec
+from kvtier.codec.lossless import shuffle, unshuffle
+
+
+def _installed(stage: str) -> bool:
+    try:
+        get_codec(f"raw+{stage}")
+    except ValueError:  # its package (zstandard, lz4) is missing: those specs are left out below
+        return False
+    return True
+
+
+STAGES = tuple(stage for stage in LOSSLESS_STAGES if _installed(stage))
+SPECS = [base + stage for base in CODECS for stage in ("", *(f"+{s}" for s in STAGES))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HEADER = 64
+EPS32 = 2.0**-24  # float32 unit roundoff
+G = 64  # int4 group size
+
+
+# ---------------------------------------------------------------- payloads: [L, 2, H, T, D]
+
+
+def normal(shape: tuple[int, ...], seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def outlier_channels(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Normal data whose keys have a few channels 50x larger in every token (what KIVI observed)."""
+    x = normal(shape, seed)
+    x[:, 0, :, :, ::16] *= 50.0
+    return x
+
+
+def structured(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Smooth along tokens, a per-channel offset, sparse spikes, an all-zero K channel and an all-zero V token."""
+    tokens, dim = shape[3], shape[4]
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(tokens, dtype=torch.float32).view(tokens, 1)
+    freq = torch.rand(dim, generator=gen) * 0.2
+    offset = torch.randn(dim, generator=gen) * 3
+    x = (torch.sin(t * freq) + offset).expand(shape).clone()
+    spikes = torch.rand(shape, generator=gen) < 0.01
+    x[spikes] = torch.randn(int(spikes.sum()), generator=gen) * 40
+    x[:, 0, :, :, 0] = 0.0
+    x[:, 1, :, 0, :] = 0.0
+    return x
+
+
+# ---------------------------------------------------------------- independent error bounds (float32 input)
+
+
+def _absmax_scale(x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Per-element scale: keys per (layer, head, channel) over tokens, values per (layer, head, token) over D."""
+    k_scale = x[:, 0].abs().amax(dim=2, keepdim=True) / qmax  # [L, H, 1, D]
+    v_scale = x[:, 1].abs().amax(dim=3, keepdim=True) / qmax  # [L, H, T, 1]
+    return torch.stack([k_scale.expand_as(x[:, 0]), v_scale.expand_as(x[:, 1])], dim=1)
+
+
+def _int4_group_bound(x: torch.Tensor) -> torch.Tensor:
+    """Per-element bound for int4: half the stored scale, the stored scale allowing for float16 storage.
+
+    The codec stores min rounded down and scale rounded up to float16: min drops
+    by at most one float16 ulp (2^-10 relative, 2^-24 below float16's normal
+    range), widening the range; the scale rises by at most one ulp.
+    """
+    bound = torch.empty_like(x)
+    for part, dim in ((0, 2), (1, 3)):  # keys: groups of G tokens; values: groups of G channels
+        xs, bs = x[:, part], bound[:, part]
+        for start in range(0, xs.shape[dim], G):
+            xg = xs.narrow(dim, start, min(G, xs.shape[dim] - start))
+            low = xg.amin(dim=dim, keepdim=True)
+            high = xg.amax(dim=dim, keepdim=True)
+            widened = high - low + torch.clamp(low.abs() * 2.0**-10, min=2.0**-24)
+            scale = widened / 15 * (1 + 2.0**-10) + 2.0**-24
+            bs.narrow(dim, start, xg.shape[dim]).copy_((scale / 2).expand_as(xg))
+    return bound + 8 * EPS32 * (x.abs() + bound * 30)  # float32 rounding in (x - min) / s and min + q * s
+
+
+def error_bound(spec: str, x: torch.Tensor) -> torch.Tensor:
+    """Largest |decode(encode(x)) - x| allowed per element, for float32 ``x``, from the formats alone."""
+    base = spec.split("+")[0]
+    a = x.abs()
+    if base == "raw":
+        return torch.zeros_like(x)
+    if base == "fp16":  # 11 significant bits: half an ulp is 2^-11 relative; float16 subnormals are 2^-24 apart
+        return torch.clamp(a * 2.0**-11, min=2.0**-25)
+    if base == "bf16":  # 8 significant bits, float32's exponent range
+        return a * 2.0**-8
+    if base == "int8":  # round to nearest: half a step; the rest is float32 rounding of x / s and q * s
+        scale = _absmax_scale(x, 127.0)
+        return scale / 2 + 4 * EPS32 * a
+    if base == "fp8":
+        # e4m3 has 3 mantissa bits, so rounding a scaled value y with |y| >= 2^-6 (smallest normal) moves it by
+        # at most 2^-4 |y|; below that the spacing is 2^-9, so at most 2^-10. Scaling by s maps back to x.
+        scale = _absmax_scale(x, 448.0)
+        return torch.maximum(a * 2.0**-4, scale * 2.0**-10) + 4 * EPS32 * a
+    assert base == "int4"
+    return _int4_group_bound(x)
+
+
+def output_rounding(dtype: torch.dtype, y: torch.Tensor) -> torch.Tensor:
+    """Extra error from casting a float32 result to the payload dtype (half an ulp)."""
+    if dtype == torch.float16:
+        return torch.clamp(y.abs() * 2.0**-11, min=2.0**-25)
+    if dtype == torch.bfloat16:
+        return y.abs() * 2.0**-8
+    return torch.zeros_like(y)
+
+
+def roundtrip(spec: str, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    codec = get_codec(spec)
+    data = codec.encode(x)
+    y = codec.decode(data, tuple(x.shape), x.dtype)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+    return data, y
+
+
+def assert_within_bound(spec: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    x32, y32 = x.float(), y.float()
+    bound = error_bound(spec, x32)
+    bound += output_rounding(x.dtype, x32.abs() + bound)
+    err = (y32 - x32).abs()
+    bad = err > bound
+    assert not bad.any(), f"{spec}: {int(bad.sum())} elements over bound, worst excess {(err - bound).max().item():.3g}"
+
+
+# ---------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("make", [normal, outlier_channels, structured])
+@pytest.mark.parametrize("spec", SPECS)
+def test_roundtrip_within_bound(spec: str, make) -> None:
+    x = make((2, 2, 3, 70, 40), seed=1)  # T, D not multiples of 32: int4 has short last groups
+    _, y = roundtrip(spec, x)
+    assert torch.isfinite(y).all()
+    if spec.startswith("raw"):
+        assert torch.equal(y, x)
+    assert_within_bound(spec, x, y)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_payloads(spec: str, dtype: torch.dtype) -> None:
+    x = structured((2, 2, 2, 40, 24), seed=2).to(dtype)
+    _, y = roundtrip(spec, x)
+    if spec.split("+")[0] in ("raw", {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]):
+        assert torch.equal(y, x)  # storing a payload in its own dtype loses nothing
+    assert_within_bound(spec, x, y)
+
+
+@pytest.mark.parametrize("base", CODECS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_lossless_stage_is_exact(base: str, stage: str) -> None:
+    x = outlier_channels((2, 2, 2, 64, 32), seed=3)
+    plain = get_codec(base)
+    packed = get_codec(f"{base}+{stage}")
+    assert packed.lossy == plain.lossy
+    y_plain = plain.decode(plain.encode(x), x.shape, x.dtype)
+    y_packed = packed.decode(packed.encode(x), x.shape, x.dtype)
+    assert torch.equal(y_plain, y_packed)
+
+
+def test_zero_rows_decode_to_exact_zeros() -> None:
+    x = normal((1, 2, 1, 40, 36), seed=3)
+    x[0, 0, 0, :, 1] = 0.0  # an all-zero key channel: scale 0
+    x[0, 1, 0, 3] = 0.0  # an all-zero value token: scale 0
+    for spec in ("int8", "fp8", "int4"):
+        _, y = roundtrip(spec, x)
+        assert torch.isfinite(y).all(), spec
+        assert torch.equal(y[0, 0, 0, :, 1], torch.zeros(40)), spec
+        assert torch.equal(y[0, 1, 0, 3], torch.zeros(36)), spec
+
+
+def test_int8_exact_on_grid() -> None:
+    # keys: one channel holds -127..127 steps of 0.5 (scale 0.5), values of another token scale 2
+    x = torch.zeros(1, 2, 1, 255, 2)
+    x[0, 0, 0, :, 0] = torch.arange(-127, 128) * 0.5
+    x[0, 1, 0, :, 1] = torch.arange(-127, 128) * 2.0
+    _, y = roundtrip("int8", x)
+    assert torch.equal(y, x)
+
+
+def test_int4_exact_on_grid() -> None:
+    x = torch.zeros(1, 2, 1, 32, 32)
+    x[0, 0, 0, :16, 0] = torch.arange(16) * 0.25 - 1  # min -1, scale 0.25: all float16-exact
+    x[0, 0, 0, 16:, 0] = 2.75
+    x[0, 1, 0, 5] = torch.arange(32) % 16 * 4.0 + 8
+    _, y = roundtrip("int4", x)
+    assert torch.equal(y, x)
+
+
+def test_int4_group_min_is_rounded_down_to_float16() -> None:
+    # float16 steps are 0.5 near 1000: a min rounded to nearest (1000.5) would clamp the group's lower values
+    x = torch.zeros(1, 2, 1, 32, 32)
+    x[0, 0, 0, :, 0] = 1000.3 + torch.linspace(0, 0.5, 32)
+    x[0, 1, 0, 0] = -1000.3 - torch.linspace(0, 0.5, 32)
+    _, y = roundtrip("int4", x)
+    assert (y - x).abs().max() < 0.03  # range widened to 0.8 by the rounded-down min: scale 0.8 / 15
+    assert_within_bound("int4", x, y)
+
+
+def test_per_channel_key_scaling_beats_per_token() -> None:
+    """With outlier key channels, scaling keys per token (over D) lets the outliers set every token's step."""
+    x = outlier_channels((2, 2, 2, 256, 64), seed=4)
+    k = x[:, 0]  # [L, H, T, D]
+    normal_channels = torch.ones(64, dtype=torch.bool)
+    normal_channels[::16] = False
+    # the same quantizers with key scales per token instead of per channel, simulated here
+    step8 = k.abs().amax(dim=3, keepdim=True) / 127
+    per_token = {"int8": (k / step8).round() * step8}
+    groups = k.unflatten(3, (64 // G, G))  # [L, H, T, 64/G, G]
+    low, high = groups.amin(dim=4, keepdim=True), groups.amax(dim=4, keepdim=True)
+    step4 = (high - low) / 15
+    per_token["int4"] = (((groups - low) / step4).round() * step4 + low).flatten(3)
+    for spec, simulated in per_token.items():
+        _, y = roundtrip(spec, x)
+        rms_channel = (y[:, 0] - k)[..., normal_channels].square().mean().sqrt()
+        rms_token = (simulated - k)[..., normal_channels].square().mean().sqrt()
+        assert rms_channel * 5 < rms_token, (spec, rms_channel, rms_token)
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def test_sizes_at_reference_shape() -> None:
+    layers, heads, tokens, dim = 30, 3, 256, 64
+    shape = (layers, 2, heads, tokens, dim)
+    x = normal(shape, seed=5)
+    n = x.numel()
+    raw_bytes = 4 * n
+    expected = {
+        "raw": 4 * n,
+        "fp16": 2 * n,
+        "bf16": 2 * n,
+        "int8": n + 4 * layers * heads * (dim + tokens),  # float32 scales: keys per channel, values per token
+        "fp8": n + 4 * layers * heads * (dim + tokens),
+        "int4": n // 2 + 2 * 2 * layers * heads * (ceil(tokens / G) * dim + tokens * ceil(dim / G)),
+    }
+    ratio = {}
+    for base in CODECS:
+        data = get_codec(base).encode(x)
+        assert len(data) == HEADER + expected[base]
+        ratio[base] = len(data) / raw_bytes
+    assert ratio["raw"] == pytest.approx(1.0, abs=1e-5)
+    assert ratio["fp16"] == pytest.approx(0.5, abs=1e-5)
+    assert ratio["bf16"] == pytest.approx(0.5, abs=1e-5)
+    assert ratio["int8"] <= 0.26 and ratio["fp8"] <= 0.26
+    # 4 bits per value + float16 (scale, min) per 64 values = 4.5 bits of 32: 0.140625
+    assert ratio["int4"] <= 0.15
+
+
+@pytest.mark.skipif("zstd" not in STAGES, reason="zstandard not installed")
+def test_compression_shrinks_structured_data() -> None:
+    x = structured((2, 2, 2, 128, 64), seed=6)
+    for base in CODECS:
+        plain = len(get_codec(base).encode(x))
+        assert len(get_codec(f"{base}+zstd").encode(x)) < plain, base
+
+
+# ---------------------------------------------------------------- properties over shapes and dtypes
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    spec=st.sampled_from(SPECS),
+    dtype=st.sampled_from(DTYPES),
+    dims=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 75), st.integers(1, 70)),
+    magnitude=st.sampled_from([1e-3, 1.0, 100.0]),  # outliers x50 stay in float16 range
+    seed=st.integers(0, 2**16),
+)
+def test_roundtrip_property(spec: str, dtype: torch.dtype, dims: tuple[int, ...], magnitude: float, seed: int) -> None:
+    layers, heads, tokens, dim = dims
+    x = (outlier_channels((layers, 2, heads, tokens, dim), seed) * magnitude).to(dtype)
+    data, y = roundtrip(spec, x)
+    assert_within_bound(spec, x, y)
+    if spec.split("+")[0] == "raw":
+        assert torch.equal(y, x)
+    with pytest.raises(CodecError):
+        get_codec(spec).decode(data[:-1], x.shape, x.dtype)
+
+
+@given(data=st.binary(max_size=300), size=st.integers(1, 8))
+def test_shuffle_roundtrip(data: bytes, size: int) -> None:
+    shuffled = shuffle(memoryview(data), size)
+    assert len(shuffled) == len(data)
+    assert unshuffle(shuffled, size).tobytes() == data
+
+
+def test_shuffle_groups_bytes_by_position() -> None:
+    data = bytes(range(10))  # three 3-byte elements and one trailing byte
+    assert shuffle(memoryview(data), 3).tobytes() == bytes([0, 3, 6, 1, 4, 7, 2, 5, 8, 9])
+
+
+# ---------------------------------------------------------------- the frame: validation and ownership
+
+
+SMALL = (1, 2, 2, 33, 8)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_truncated_data_raises(spec: str) -> None:
+    x = normal(SMALL, seed=7)
+    data = get_codec(spec).encode(x)
+    codec = get_codec(spec)
+    for cut in (0, 3, HEADER - 1, HEADER, HEADER + 1, len(data) - 1):
+        with pytest.raises(CodecError):
+            codec.decode(data[:cut], SMALL, torch.float32)
+    with pytest.raises(CodecError):
+        codec.decode(data + b"\0", SMALL, torch.float32)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_any_flipped_header_byte_raises(spec: str) -> None:
+    x = normal(SMALL, seed=8)
+    codec = get_codec(spec)
+    data = codec.encode(x)
+    for i in range(HEADER):
+        damaged = bytearray(data)
+        damaged[i] ^= 0xFF
+        with pytest.raises(CodecError):
+            codec.decode(damaged, SMALL, torch.float32)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if "+" in s])
+def test_damaged_compressed_body_raises(spec: str) -> None:
+    x = structured(SMALL, seed=9)
+    codec = get_codec(spec)
+    data = codec.encode(x)
+    for i in range(HEADER, len(data), 7):
+        damaged = bytearray(data)
+        damaged[i] ^= 0x5A
+        with pytest.raises(CodecError):
+            codec.decode(damaged, SMALL, torch.float32)
+
+
+def test_data_from_another_codec_raises() -> None:
+    x = normal(SMALL, seed=10)
+    encoded = {spec: get_codec(spec).encode(x) for spec in SPECS}
+    for writer, reader in itertools.permutations(SPECS, 2):
+        with pytest.raises(CodecError, match="not written by codec"):
+            get_codec(reader).decode(encoded[writer], SMALL, torch.float32)
+
+
+def test_wrong_shape_or_dtype_raises() -> None:
+    x = normal(SMALL, seed=11)
+    codec = get_codec("int8")
+    data = codec.encode(x)
+    with pytest.raises(CodecError):
+        codec.decode(data, (1, 2, 2, 32, 8), torch.float32)
+    with pytest.raises(CodecError):
+        codec.decode(data, SMALL, torch.float16)
+    with pytest.raises(ValueError):
+        codec.decode(data, (2, 33, 8), torch.float32)
+    with pytest.raises(ValueError):
+        codec.decode(data, SMALL, torch.int32)
+
+
+@pytest.mark.skipif("zstd" not in STAGES, reason="zstandard not installed")
+def test_header_layout() -> None:
+    x = normal(SMALL, seed=12, dtype=torch.float16)
+    data = get_codec("fp16+zstd").encode(x)
+    magic, version, base, stage, shuffle_size, dtype, *rest = struct.unpack_from("<4sBBBBB3x5IQQ", data)
+    shape, raw_len, body_len = tuple(rest[:5]), rest[5], rest[6]
+    assert (magic, version, base, stage, shuffle_size, dtype) == (b"KVCD", 1, 2, 1, 2, 2)
+    assert shape == SMALL and raw_len == 2 * x.numel() and body_len == len(data) - HEADER
+    assert data[48:60] == bytes(12)
+    assert struct.unpack_from("<I", data, 60)[0] == zlib.crc32(data[:60])
+
+
+def test_raw_decode_shares_writable_buffer_and_copies_bytes() -> None:
+    x = normal(SMALL, seed=13)
+    codec = get_codec("raw")
+    data = codec.encode(x)
+    buf = bytearray(data)
+    shared = codec.decode(buf, SMALL, torch.float32)
+    base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    assert shared.data_ptr() == base + HEADER  # zero copy: the tensor lives in the caller's buffer
+    owned = codec.decode(data, SMALL, torch.float32)  # immutable bytes: a private copy
+    owned.add_(1)
+    assert torch.equal(codec.decode(data, SMALL, torch.float32), x)
+    assert torch.equal(shared, x)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if not s.startswith("raw")])
+def test_decode_never_aliases_input(spec: str) -> None:
+    x = normal(SMALL, seed=14)
+    codec = get_codec(spec)
+    buf = bytearray(codec.encode(x))
+    before = bytes(buf)
+    y = codec.decode(buf, SMALL, torch.float32)
+    y.fill_(7.0)
+    assert bytes(buf) == before
+
+
+def test_encode_is_deterministic_and_keeps_no_reference() -> None:
+    x = structured(SMALL, seed=15)
+    original = x.clone()
+    for spec in SPECS:
+        data = get_codec(spec).encode(x)
+        x.add_(1)  # must not reach bytes already returned
+        assert data == get_codec(spec).encode(original), spec
+        x.copy_(original)
+
+
+# ---------------------------------------------------------------- encode misuse and get_codec
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_encode_rejects_non_payloads(spec: str) -> None:
+    codec = get_codec(spec)
+    for bad in (
+        torch.zeros(2, 3, 4),
+        torch.zeros(1, 3, 1, 4, 4),
+        torch.zeros(1, 2, 1, 0, 4),
+        torch.zeros(SMALL, dtype=torch.int32),
+    ):
+        with pytest.raises(ValueError):
+            codec.encode(bad)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.split("+")[0] in ("int8", "fp8", "int4")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_quantizers_reject_non_finite(spec: str, value: float) -> None:
+    x = normal(SMALL, seed=16)
+    x[0, 1, 1, 5, 3] = value
+    with pytest.raises(ValueError, match="non-finite"):
+        get_codec(spec).encode(x)
+
+
+def test_int4_rejects_values_beyond_float16_range() -> None:
+    x = normal(SMALL, seed=17)
+    x[0, 0, 0, 0, 0] = 1e6
+    with pytest.raises(ValueError):
+        get_codec("int4").encode(x)
+    get_codec("int8").encode(x)  # float32 scales: fine
+
+
+def test_get_codec() -> None:
+    assert CODECS == ("raw", "fp16", "bf16", "int8", "fp8", "int4")
+    for spec in SPECS:
+        codec = get_codec(spec)
+        assert isinstance(codec, Codec)
+        assert codec.name == spec
+        assert codec.lossy == (not spec.startswith("raw"))
+    assert get_codec(" INT8 ").name == "int8"
+    for bad in ("", "int3", "int8+", "+zstd", "int8+gzip", "int8+zstd+lz4", "int8-zstd"):
+        with pytest.raises(ValueError, match="valid: raw"):
+            get_codec(bad)
+
+
+def test_missing_lossless_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lz4.frame", None)  # makes ``import lz4.frame`` raise ImportError
+    with pytest.raises(ValueError, match="pip install lz4"):
+        get_codec("int8+lz4")
+
+
+def test_fp16_refuses_values_beyond_its_range() -> None:
+    x = normal(SMALL, seed=19)
+    x[0, 0, 1, 2, 3] = 70000.0
+    with pytest.raises(ValueError, match="overflow"):
+        get_codec("fp16").encode(x)
+    x[0, 0, 1, 2, 3] = float("inf")  # already non-finite: stored as is
+    assert torch.equal(get_codec("fp16").decode(get_codec("fp16").encode(x), SMALL, torch.float32), x.half().float())
+    x[0, 0, 1, 2, 3] = 70000.0
+    assert torch.equal(
+        get_codec("bf16").decode(get_codec("bf16").encode(x), SMALL, torch.float32), x.bfloat16().float()
+    )
+
+
+def test_non_contiguous_payload_encodes_like_its_copy() -> None:
+    wide = normal((1, 2, 2, 40, 16), seed=20)
+    x = wide[:, :, :, ::2]  # [1, 2, 2, 20, 16], strided
+    for spec in SPECS:
+        assert get_codec(spec).encode(x) == get_codec(spec).encode(x.contiguous()), spec
+
+
+@pytest.mark.skipif("zstd" not in STAGES, reason="zstandard not installed")
+def test_zstd_level_changes_encoding_not_format() -> None:
+    x = structured((1, 2, 2, 64, 32), seed=18)
+    fast = get_codec("raw+zstd", zstd_level=1).encode(x)
+    default = get_codec("raw+zstd").encode(x)
+    assert torch.equal(get_codec("raw+zstd").decode(fast, x.shape, x.dtype), x)
+    assert torch.equal(get_codec("raw+zstd", zstd_level=1).decode(default, x.shape, x.dtype), x)
+
+
+def test_zstd_level_is_validated() -> None:
+    pytest.importorskip("zstandard")
+    for bad in (23, 1.5, -(1 << 20)):
+        with pytest.raises(ValueError, match="zstd level"):
+            get_codec("int8+zstd", zstd_level=bad)
