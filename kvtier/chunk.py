@@ -134,7 +134,7 @@ def encode_parts(chunk: Chunk, codec: Codec | None = None) -> tuple[bytes, memor
 def encode(chunk: Chunk, codec: Codec | None = None) -> bytes:
     """The whole encoded chunk as one bytes object."""
     header, body = encode_parts(chunk, codec)
-    return header + bytes(body)
+    return b"".join((header, body))  # one copy of the body
 
 
 @dataclass(frozen=True)
