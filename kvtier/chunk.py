@@ -154,17 +154,14 @@ class ChunkHeader:
 
 def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
     """Parse the header at the start of ``prefix``; raise ChunkFormatError if it is not one."""
-    if len(prefix) < _PREFIX.size:
-        raise ChunkFormatError("truncated before header")
-    magic, version, hlen = _PREFIX.unpack_from(prefix)
-    if magic != MAGIC:
-        raise ChunkFormatError("bad magic")
+    end = header_length(prefix)
+    version = _PREFIX.unpack_from(prefix)[1]
     if version != VERSION:
         raise ChunkFormatError(f"unsupported chunk version {version}")
-    if hlen > MAX_HEADER_BYTES or len(prefix) < _PREFIX.size + hlen:
+    if len(prefix) < end:
         raise ChunkFormatError("truncated header")
     try:
-        h = json.loads(bytes(prefix[_PREFIX.size : _PREFIX.size + hlen]))
+        h = json.loads(bytes(prefix[_PREFIX.size : end]))
         header = ChunkHeader(
             key=ChunkKey.from_hex(h["key"]),
             parent=ChunkKey.from_hex(h["parent"]) if h["parent"] is not None else None,
@@ -174,7 +171,7 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
             tokens=_token_array(h["tokens"]),
             payload_len=int(h["payload_len"]),
             checksum=str(h["checksum"]),
-            offset=_PREFIX.size + hlen,
+            offset=end,
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise ChunkFormatError(f"malformed header: {exc}") from exc

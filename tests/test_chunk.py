@@ -189,7 +189,7 @@ def _tokens_disagree_with_payload(data: bytes) -> bytes:
         (_bad_version, "unsupported chunk version 2"),
         (lambda d: d[:5], "truncated before header"),
         (lambda d: d[: PREFIX.size + 20], "truncated header"),
-        (_header_len_too_big, "truncated header"),
+        (_header_len_too_big, "header too large"),
         (lambda d: d[:-1], "payload is 511 bytes, header says 512"),
         (lambda d: d + b"\0", "payload is 513 bytes, header says 512"),
         (_flip_payload_byte, "checksum"),
