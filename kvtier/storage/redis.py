@@ -54,6 +54,7 @@ _HEALTH_CHECK_INTERVAL_S = 30
 _SCAN_BATCH = 500
 _MIN_LOG_INTERVAL_S = 1.0
 _GLOB_SPECIAL = "\\*?[]"
+_GET_BATCH = 4  # chunks per GET pipeline (4 x 256 tokens of SmolLM2 fp32 = 47 MB)
 
 
 class RedisBackend:
@@ -295,14 +296,22 @@ class RedisBackend:
         """
         if not keys:
             return []
+        # Redis answers a pipeline only once it has run all of it: a 4096-token prefix in one pipeline means
+        # ~190 MB before the first byte (and in Redis's output buffer), which can outlast timeout_s. Small
+        # pipelines keep the first byte near and the buffer small; a failed one ends the prefix there.
+        values: list[bytes | None] = []
+        for start in range(0, len(keys), _GET_BATCH):
+            part = keys[start : start + _GET_BATCH]
 
-        def build(pipe: Any) -> None:
-            for k in keys:
-                pipe.get(self.redis_key(k))
+            def build(pipe: Any, part: Sequence[ChunkKey] = part) -> None:
+                for k in part:
+                    pipe.get(self.redis_key(k))
 
-        values = self._call("get", lambda c: self._pipeline(c, build))
-        if values is None:
-            return [None] * len(keys)
+            got = self._call("get", lambda c, build=build: self._pipeline(c, build))
+            if got is None:
+                values.extend([None] * (len(keys) - len(values)))
+                break
+            values.extend(got)
         found: list[Chunk | None] = []
         bad: list[ChunkKey] = []
         for key, value in zip(keys, values, strict=True):
