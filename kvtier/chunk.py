@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,8 +191,10 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
 def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes) -> Chunk:
     """Build a chunk from its header and payload bytes, verifying length and checksum.
 
-    ``payload`` must be writable memory the chunk may keep (a bytearray, or a
-    memoryview of one): the returned tensor shares it, with no copy.
+    With the ``raw`` codec the returned tensor shares ``payload`` (no copy), so
+    the chunk keeps that memory alive; read-only memory (``bytes`` received
+    from a network client) is shared too, which is safe because a chunk's
+    payload is never written (see :class:`Chunk`).
     """
     if len(payload) != header.payload_len:
         raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
@@ -200,7 +203,12 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     dtype = header.layout.torch_dtype
     shape = header.layout.chunk_shape(len(header.tokens))
     if header.codec == CODEC_RAW:
-        flat = torch.frombuffer(payload, dtype=dtype) if len(payload) else torch.empty(0, dtype=dtype)
+        if not len(payload):
+            flat = torch.empty(0, dtype=dtype)
+        else:
+            with warnings.catch_warnings():  # torch warns on read-only buffers; chunks are never written
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(payload, dtype=dtype)
         tensor = flat.view(shape)
     else:
         try:

@@ -335,7 +335,7 @@ class RedisBackend:
                 raise ChunkFormatError(f"value holds chunk {header.key.hex()[:16]}")
             if len(value) != header.offset + header.payload_len:
                 raise ChunkFormatError(f"value is {len(value)} bytes, header says {header.offset + header.payload_len}")
-            return decode_payload(header, bytearray(view[header.offset :]))
+            return decode_payload(header, view[header.offset :])  # raw: shares the received bytes, no copy
         except (ChunkFormatError, ValueError) as exc:
             log.warning("redis tier: dropping chunk %s: %s", key.hex()[:16], exc)
             with self._lock:
