@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import shutil
@@ -75,7 +74,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -88,9 +86,11 @@ for _p in (_HERE, _HERE.parent):
 import torch  # noqa: E402
 from common import (  # noqa: E402
     CleanTimer,
+    fix_threads,
     fmt_s,
     loadavg,
     machine_info,
+    quiet,
     real_tokens,
     resident_fraction,
 )
@@ -124,22 +124,6 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("int4", "ppl_delta", "<=", 0.03),
     ("int4", "size_ratio", "<=", 0.15),
 )
-
-
-def _quiet() -> None:
-    """Silence transformers' progress bars and advice so stderr carries only our progress."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kvtier").setLevel(logging.WARNING)
-
-
-def _fix_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    if torch.get_num_threads() != threads:
-        raise RuntimeError(f"could not set torch to {threads} threads (has {torch.get_num_threads()})")
 
 
 # -- text --------------------------------------------------------------------------------------------------------
@@ -819,8 +803,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     load_before = loadavg()
-    _quiet()
-    _fix_threads(args.threads)
+    quiet()
+    fix_threads(args.threads)
     from tqdm import tqdm
 
     from kvtier.adapters.hf import hf_namespace

@@ -377,3 +377,23 @@ class CleanTimer:
             "timed_calls": len(self.events),
             "disturbed_calls": disturbed,
         }
+
+
+def quiet() -> None:
+    """Silence transformers' progress bars and advice so stderr carries only the benchmark's progress."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("kvtier").setLevel(logging.WARNING)
+
+
+def fix_threads(threads: int) -> None:
+    """Pin torch to ``threads`` threads (the same in every mode and process of a benchmark)."""
+    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        raise RuntimeError(f"could not set torch to {threads} threads (has {torch.get_num_threads()})")

@@ -52,7 +52,6 @@ import atexit
 import cProfile
 import gc
 import json
-import logging
 import os
 import pstats
 import random
@@ -61,7 +60,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import median
@@ -77,10 +75,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import (  # noqa: E402
     CleanTimer,
+    fix_threads,
     fmt_s,
     loadavg,
     machine_info,
     parse_ints,
+    quiet,
     real_tokens,
     resident_fraction,
     unique_sorted,
@@ -97,21 +97,6 @@ RAW_PREFIX = b"kvtier-bench-raw:"
 
 def log(msg: str) -> None:
     print(f"[tiers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _quiet() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kvtier").setLevel(logging.WARNING)
-
-
-def _fix_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    if torch.get_num_threads() != threads:
-        raise RuntimeError(f"could not set torch to {threads} threads (has {torch.get_num_threads()})")
 
 
 def _pct(values: Sequence[float], q: float) -> float:
@@ -898,8 +883,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     load_before = loadavg()
-    _quiet()
-    _fix_threads(args.threads)
+    quiet()
+    fix_threads(args.threads)
     from kvtier.adapters.hf import hf_namespace
     from kvtier.chunk import encode
     from kvtier.config import L3Config, load_config

@@ -41,14 +41,12 @@ import argparse
 import copy
 import gc
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from statistics import mean, median, pstdev
@@ -63,10 +61,12 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     CleanTimer,
     copy_bandwidth,
+    fix_threads,
     fmt_s,
     loadavg,
     machine_info,
     parse_ints,
+    quiet,
     ratio,
     real_tokens,
     resident_fraction,
@@ -95,22 +95,6 @@ ROW_FIELDS = (
 )
 TARGET_PREFIX = 4096
 GEN = {"max_new_tokens": 1, "do_sample": False}
-
-
-def _quiet() -> None:
-    """Silence transformers' progress bars and advice so stderr carries only our progress."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("kvtier").setLevel(logging.WARNING)
-
-
-def _fix_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    if torch.get_num_threads() != threads:
-        raise RuntimeError(f"could not set torch to {threads} threads (has {torch.get_num_threads()})")
 
 
 def _engine(model, chunk_dir: Path, namespace, *, l1: bool = True):
@@ -155,8 +139,8 @@ def _timer(spec: dict[str, Any]) -> CleanTimer:
 def worker(spec_path: str) -> int:
     """Hidden mode: time hit_l2 and retrieve_l2 against an existing chunk directory; print one JSON line."""
     spec = json.loads(Path(spec_path).read_text())
-    _quiet()
-    _fix_threads(spec["threads"])
+    quiet()
+    fix_threads(spec["threads"])
     from kvtier.adapters.hf import CachedModel
     from kvtier.models import load_model
 
@@ -634,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     load_before = loadavg()
-    _quiet()
-    _fix_threads(args.threads)
+    quiet()
+    fix_threads(args.threads)
     from tqdm import tqdm
 
     from kvtier.config import load_config
