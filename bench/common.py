@@ -280,15 +280,20 @@ class CleanTimer:
         self.reruns = 0
         self.events: list[dict[str, object]] = []
 
+    def _wait_for_quiet(self):
+        """Wait (within the budgets) for the machine to go idle; returns wait_idle's snapshot or None."""
+        allowed = min(self.max_wait, self.wait_budget - self.waited)
+        if allowed <= 0:
+            return None
+        waited, pre = wait_idle(allowed, self.threshold)
+        self.waited += waited
+        return pre
+
     def once(self, label: str, fn: Callable[[], object], before: Callable[[], object] | None = None):
         """One timed call: (seconds, result, foreign cores)."""
         attempt = 0
         while True:
-            pre = None
-            allowed = min(self.max_wait, self.wait_budget - self.waited)
-            if allowed > 0:
-                waited, pre = wait_idle(allowed, self.threshold)
-                self.waited += waited
+            pre = self._wait_for_quiet()
             if before is not None:
                 before()
             a = cpu_snapshot()
@@ -330,11 +335,7 @@ class CleanTimer:
         """
         attempt = 0
         while True:
-            pre = None
-            allowed = min(self.max_wait, self.wait_budget - self.waited)
-            if allowed > 0:
-                waited, pre = wait_idle(allowed, self.threshold)
-                self.waited += waited
+            pre = self._wait_for_quiet()
             a = cpu_snapshot()
             result = None
             for _ in range(warmup):
