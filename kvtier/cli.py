@@ -1,10 +1,11 @@
-"""The ``kvtier`` command: demo, stats, clear, model."""
+"""The ``kvtier`` command: serve, demo, stats, clear, model."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -38,16 +39,56 @@ def _parser() -> argparse.ArgumentParser:
     clear = sub.add_parser("clear", parents=[common], help="delete every chunk of the on-disk cache")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sub.add_parser("model", parents=[common], help="resolve (convert once) the configured model and print its folder")
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run vLLM's OpenAI-compatible server with the kvtier connector",
+        description="Run vLLM's OpenAI-compatible server with kvtier as its KV connector. "
+        "Arguments after `--` go to vLLM unchanged.",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-model-len", type=int, default=4096)
+    serve.add_argument(
+        "--kv-cache-gib", type=float, help="vLLM's own KV memory in GiB (VLLM_CPU_KVCACHE_SPACE; default 4)"
+    )
+    serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    serve.add_argument("--no-kvtier", action="store_true", help="the same vLLM server without kvtier (a baseline)")
+    serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
+    serve.add_argument("vllm_args", nargs="*", help="extra vLLM arguments, after --")
     return p
 
 
-def _config(args: argparse.Namespace) -> KvtierConfig:
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.overrides)
     if args.model:
         overrides["model"] = args.model
     if args.cache_dir:
         overrides["cache_dir"] = args.cache_dir
-    return load_config(args.config, overrides=overrides)
+    return overrides
+
+
+def _config(args: argparse.Namespace) -> KvtierConfig:
+    return load_config(args.config, overrides=_overrides(args))
+
+
+def _serve(args: argparse.Namespace, config: KvtierConfig) -> None:
+    from kvtier import serve
+
+    options = serve.ServeOptions(
+        host=args.host,
+        port=args.port,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        kvtier=not args.no_kvtier,
+        served_model_name=args.served_model_name,
+        vllm_args=tuple(args.vllm_args),
+    )
+    argv, env = serve.prepare(config, args.config, _overrides(args), options)
+    if args.print_command:
+        print(shlex.join(argv))
+        return
+    serve.run(argv, env)
 
 
 def _disk(config: KvtierConfig):
@@ -64,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = _config(args)
         logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
-        if args.command == "demo":
+        if args.command == "serve":
+            _serve(args, config)
+        elif args.command == "demo":
             from kvtier.demo import run_demo
 
             run_demo(config, args.document, args.max_new_tokens, console)

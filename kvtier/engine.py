@@ -114,19 +114,34 @@ class CacheEngine:
 
     @classmethod
     def from_config(
-        cls, config: KvtierConfig, namespace: Namespace, *, metrics: KvtierMetrics | None = None
+        cls,
+        config: KvtierConfig,
+        namespace: Namespace,
+        *,
+        metrics: KvtierMetrics | None = None,
+        shared_disk: bool = False,
+        observer: bool = False,
     ) -> CacheEngine:
         """An engine with the tiers ``config`` enables (not started: call ``start`` or use ``with``).
 
         ``metrics`` lets several engines report into one registry; by default the engine has its own.
+        ``shared_disk`` makes the disk tier notice files other processes write (see
+        :class:`DiskBackend`'s ``watch``). ``observer`` builds a lookup-only engine for a
+        process that never holds KV itself (vLLM's scheduler): no L1, the disk tier
+        read-only and watched, Redis as configured.
         """
         backends: list[StorageBackend] = []
-        if config.l1.enabled:
+        if config.l1.enabled and not observer:
             backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec)))
         if config.l2.enabled:
             backends.append(
                 DiskBackend(
-                    config.chunk_dir, int(config.l2.max_bytes), fsync=config.l2.fsync, codec=get_codec(config.l2.codec)
+                    config.chunk_dir,
+                    int(config.l2.max_bytes),
+                    fsync=config.l2.fsync,
+                    codec=get_codec(config.l2.codec),
+                    watch=shared_disk,
+                    read_only=observer,
                 )
             )
         if config.l3.enabled:
@@ -134,7 +149,9 @@ class CacheEngine:
 
             backends.append(RedisBackend.from_config(config.l3, tenant=config.tenant))
         if not backends:
-            raise ValueError("at least one tier (l1, l2 or l3) must be enabled")
+            raise ValueError(
+                "an observer engine needs l2 or l3 enabled" if observer else "at least one tier (l1, l2 or l3) must be enabled"
+            )
         tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics)
         return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
 
@@ -177,10 +194,10 @@ class CacheEngine:
                     break
         return plan
 
-    def _tier_tokens(self, plan: Sequence[tuple[ChunkSpan, int]], limit: int) -> dict[str, int]:
+    def _tier_tokens(self, plan: Sequence[tuple[ChunkSpan, int]], limit: int, start: int = 0) -> dict[str, int]:
         counts = dict.fromkeys(self.tiers.names, 0)
         for span, where in plan:
-            counts[self.tiers.names[where]] += max(0, min(span.end, limit) - span.start)
+            counts[self.tiers.names[where]] += max(0, min(span.end, limit) - max(span.start, start))
         return counts
 
     def lookup(self, tokens: Tokens, *, max_tokens: int | None = None) -> LookupResult:
@@ -199,7 +216,7 @@ class CacheEngine:
         return LookupResult(n, self._tier_tokens(plan, n), tuple(plan))
 
     def retrieve(
-        self, tokens: Tokens, *, max_tokens: int | None = None, out: torch.Tensor | None = None
+        self, tokens: Tokens, *, max_tokens: int | None = None, start: int = 0, out: torch.Tensor | None = None
     ) -> RetrieveResult:
         """KV for the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
 
@@ -207,13 +224,22 @@ class CacheEngine:
         and layout; the first chunk that is missing or wrong ends the prefix
         (a wrong one is counted, logged and discarded from all tiers). Chunks
         read from a lower tier are promoted to the tiers above. With ``out``
-        (a caller-owned [L, 2, H, >=N, D] tensor) the KV is copied there and
-        the layers are views into it; otherwise new tensors are allocated.
-        Blocks on tier reads.
+        (a caller-owned [L, 2, H, >=N-start, D] tensor) the KV is copied there
+        and the layers are views into it; otherwise new tensors are allocated.
+
+        ``start`` is for callers that already hold the first ``start`` tokens'
+        KV (e.g. in vLLM's own prefix cache): chunks that end at or before it
+        are neither read nor checked, and ``layers`` cover positions
+        [start, num_tokens) only (empty when num_tokens <= start). Blocks on
+        tier reads.
         """
         arr = _tokens(tokens)
         limit = len(arr) if max_tokens is None else max(0, min(max_tokens, len(arr)))
-        plan = [(s, w) for s, w in self._plan(arr) if s.start < limit]
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        full_plan = self._plan(arr)
+        skipped = [(s, w) for s, w in full_plan if s.end <= start]
+        plan = [(s, w) for s, w in full_plan if s.start < limit and s.end > start]
         chunks = self.tiers.get([s.key for s, _ in plan], [w for _, w in plan]) if plan else []
         valid: list[tuple[ChunkSpan, int, Chunk]] = []
         for (span, where), chunk in zip(plan, chunks, strict=True):
@@ -229,14 +255,20 @@ class CacheEngine:
             valid.append((span, where, chunk))
         for source in sorted({w for _, w, _ in valid if w > 0}):
             self.tiers.promote([c for _, w, c in valid if w == source], source)
-        n = min(limit, valid[-1][0].end if valid else 0)
-        layers = assemble_layers([c.payload for _, _, c in valid], self.layout, n, out) if n else []
-        tier_tokens = self._tier_tokens([(s, w) for s, w, _ in valid], n)
+        # The plan is contiguous from 0; chunks before ``start`` count as held without being read.
+        n = min(limit, valid[-1][0].end if valid else skipped[-1][0].end if skipped else 0)
+        first = valid[0][0].start if valid else start
+        layers = (
+            assemble_layers([c.payload for _, _, c in valid], self.layout, n - start, out, skip=start - first)
+            if n > start
+            else []
+        )
+        tier_tokens = self._tier_tokens([(s, w) for s, w, _ in valid], n, start)
         with self._lock:
             self._counts["retrieves"] += 1
-            self._counts["query_tokens"] += limit
+            self._counts["query_tokens"] += max(0, limit - start)
             self._hits.update(tier_tokens)
-        self.metrics.query_tokens.inc(limit)
+        self.metrics.query_tokens.inc(max(0, limit - start))
         for tier, count in tier_tokens.items():
             self.metrics.hit_tokens.labels(tier).inc(count)
         return RetrieveResult(n, layers, tier_tokens)

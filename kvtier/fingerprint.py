@@ -8,7 +8,9 @@ another one, so their KV never mixes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -54,3 +56,47 @@ def model_fingerprint(config: Mapping[str, Any], tensors: Iterable[tuple[str, to
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else b"")
     return h.hexdigest()
+
+
+def folder_fingerprint(model_dir: Path | str, cache_dir: Path | str | None = None) -> str:
+    """The fingerprint of a Hugging Face model folder (config.json + *.safetensors), without loading the model.
+
+    Equals :func:`model_fingerprint` of the same model loaded with
+    transformers (``config.to_dict()``, ``named_parameters()``) when the
+    folder holds each parameter once (tied weights saved once), which is how
+    kvtier converts models and how ``save_pretrained`` writes them. With
+    ``cache_dir`` the result is remembered under ``cache_dir/fingerprints``,
+    keyed by the files' paths, sizes and mtimes, so a restart does not re-read
+    the weights. Raises FileNotFoundError if the folder has no safetensors.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    root = Path(model_dir).resolve()
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {root}")
+    stamp = blake3.blake3()
+    for f in [root / "config.json", *files]:
+        st = f.stat()
+        stamp.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    memo = Path(cache_dir) / "fingerprints" / f"{stamp.hexdigest()[:32]}.txt" if cache_dir is not None else None
+    if memo is not None and memo.is_file():
+        cached = memo.read_text().strip()
+        if len(cached) == 64:
+            return cached
+    config = AutoConfig.from_pretrained(root, local_files_only=True).to_dict()
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for f in files:
+            with safe_open(str(f), "pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    yield name, sf.get_tensor(name)
+
+    digest = model_fingerprint(config, tensors())
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, memo)
+    return digest

@@ -162,11 +162,17 @@ class TensorKV:
 
 
 def assemble_layers(
-    chunks: Sequence[torch.Tensor], layout: KVLayout, num_tokens: int, out: torch.Tensor | None = None
+    chunks: Sequence[torch.Tensor],
+    layout: KVLayout,
+    num_tokens: int,
+    out: torch.Tensor | None = None,
+    *,
+    skip: int = 0,
 ) -> list[torch.Tensor]:
     """Concatenate chunk payloads [L, 2, H, T_i, D] into per-layer [2, H, num_tokens, D] tensors.
 
-    ``num_tokens`` may cut the last chunk short. With ``out`` (a caller-owned
+    The first ``skip`` tokens of the first chunk are left out; ``num_tokens``
+    (counted after them) may cut the last chunk short. With ``out`` (a caller-owned
     [L, 2, H, >=num_tokens, D] tensor, e.g. an engine's preallocated KV memory)
     each chunk is copied there with one strided copy and the result are the
     per-layer views ``out[l, :, :, :num_tokens]``; nothing is allocated.
@@ -183,11 +189,14 @@ def assemble_layers(
             or out.shape[3] < num_tokens
         ):
             raise ValueError(f"out {tuple(out.shape)} {out.dtype} cannot hold {expected} of {layout.dtype}")
+    if chunks and not 0 <= skip < chunks[0].shape[3]:
+        raise ValueError(f"skip {skip} outside the first chunk's {chunks[0].shape[3]} tokens")
     pieces: list[torch.Tensor] = []
     remaining = num_tokens
-    for chunk in chunks:
-        take = min(remaining, chunk.shape[3])
-        pieces.append(chunk if take == chunk.shape[3] else chunk[:, :, :, :take])
+    for i, chunk in enumerate(chunks):
+        lo = skip if i == 0 else 0
+        take = min(remaining, chunk.shape[3] - lo)
+        pieces.append(chunk if lo == 0 and take == chunk.shape[3] else chunk[:, :, :, lo : lo + take])
         remaining -= take
         if remaining == 0:
             break

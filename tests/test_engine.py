@@ -453,3 +453,39 @@ def test_concurrent_store_and_retrieve(make_engine: EngineFactory, layout: KVLay
     assert (stats.dropped_writes, stats.write_errors) == (0, 0)
     assert engine.flush(timeout=10)
     assert _disk(engine).stats().entries == 4 + 4 * 5
+
+
+def test_retrieve_from_start_reads_only_what_the_caller_lacks(make_engine: EngineFactory, layout: KVLayout) -> None:
+    engine = make_engine()
+    tokens, kv = _tokens(4 * C + 5), _kv(layout, 4 * C + 5)
+    engine.store(tokens, kv)
+    for start in (0, 1, C, C + 3, 4 * C, 4 * C + 4):
+        hit = engine.retrieve(tokens, start=start)
+        assert hit.num_tokens == 4 * C + 5
+        assert sum(hit.tier_tokens.values()) == 4 * C + 5 - start
+        for layer, got in enumerate(hit.layers):
+            assert torch.equal(got, kv[layer, :, :, start:])
+    assert engine.retrieve(tokens, start=4 * C + 5).layers == []
+    out = torch.zeros(layout.chunk_shape(3 * C))
+    hit = engine.retrieve(tokens, start=C + 1, max_tokens=3 * C, out=out)
+    assert hit.num_tokens == 3 * C and torch.equal(out[:, :, :, : 2 * C - 1], kv[:, :, :, C + 1 : 3 * C])
+    with pytest.raises(ValueError):
+        engine.retrieve(tokens, start=-1)
+
+
+def test_retrieve_from_start_skips_chunks_before_it(make_engine: EngineFactory, layout: KVLayout) -> None:
+    """Chunks ending at or before ``start`` are not read: a damaged one there does not shorten the hit."""
+    engine = make_engine(l1__enabled=False)
+    tokens, kv = _tokens(3 * C), _kv(layout, 3 * C)
+    engine.store(tokens, kv)
+    engine.flush()
+    first = chunk_spans(engine.namespace, tokens, C)[0].key
+    path = _disk(engine)._path_of(first)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    hit = engine.retrieve(tokens, start=C)
+    assert hit.num_tokens == 3 * C
+    assert torch.equal(hit.layers[0], kv[0, :, :, C:])
+    assert engine.retrieve(tokens).num_tokens == 0  # read from 0, the damaged chunk ends the prefix
+    assert engine.stats().invalid_chunks == {"unreadable": 1}

@@ -534,3 +534,63 @@ def test_disk_pending_write_is_not_evicted(
     on_disk = _chunk_files(disk_dir)
     assert on_disk == set(disk.files())
     assert sum(p.stat().st_size for p in on_disk) <= disk.max_bytes
+
+
+# -- disk tier shared between processes (watch / read_only) ---------------------------------------------------------
+
+
+def test_disk_watch_sees_files_another_process_writes_and_removes(disk_dir: Path, make_chain: MakeChain) -> None:
+    chain = make_chain(_tokens(16, 40))
+    writer = _open(disk_dir)
+    watcher = DiskBackend(disk_dir, 10**7, watch=True)
+    watcher.start()
+    plain = _open(disk_dir)  # indexes at start only
+    assert watcher.contains([c.key for c in chain]) == [False] * 4
+    assert writer.put(chain) == [True] * 4
+    assert watcher.contains([c.key for c in chain]) == [True] * 4
+    assert plain.contains([c.key for c in chain]) == [False] * 4
+    for got, want in zip(watcher.get([c.key for c in chain]), chain, strict=True):
+        _assert_same(got, want)
+    writer.delete([chain[-1].key])
+    assert watcher.contains([c.key for c in chain]) == [True, True, True, False]
+
+
+def test_disk_watch_costs_one_stat_per_folder_when_nothing_changed(
+    disk_dir: Path, make_chain: MakeChain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chain = make_chain(_tokens(16, 41))
+    _open(disk_dir).put(chain)
+    watcher = DiskBackend(disk_dir, 10**7, watch=True)
+    watcher.start()
+    past = time.time_ns() - 10**9  # folders last changed a second ago: no same-tick race possible
+    for sub in {c.key.hex()[:2] for c in chain}:
+        os.utime(disk_dir / sub, ns=(past, past))
+    assert watcher.contains([c.key for c in chain]) == [True] * 4  # re-lists once (mtimes moved)
+    listed = []
+    real = watcher._list_dir
+    monkeypatch.setattr(watcher, "_list_dir", lambda sub: listed.append(sub) or real(sub))
+    assert watcher.contains([c.key for c in chain]) == [True] * 4
+    assert listed == []
+
+
+def test_disk_read_only_never_writes_touches_or_deletes(disk_dir: Path, make_chain: MakeChain) -> None:
+    chain = make_chain(_tokens(12, 42))
+    writer = _open(disk_dir, max_bytes=10**7)
+    writer.put(chain)
+    files = {p: p.stat().st_mtime_ns for p in _chunk_files(disk_dir)}
+    # A budget far below what is on disk: a writer would evict at start; an observer must not.
+    observer = DiskBackend(disk_dir, 1, read_only=True)
+    observer.start()
+    assert observer.contains([c.key for c in chain]) == [True] * 3
+    _assert_same(observer.get([chain[0].key])[0], chain[0])
+    with pytest.raises(ValueError, match="read-only"):
+        observer.put(chain)
+    assert observer.delete([chain[-1].key]) == 1  # forgotten by the observer only
+    assert {p: p.stat().st_mtime_ns for p in _chunk_files(disk_dir)} == files
+    # A corrupt file is a miss for the observer but stays for its owner to judge.
+    victim = _file(disk_dir, chain[1])
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))
+    assert observer.get([chain[1].key]) == [None]
+    assert victim.exists()

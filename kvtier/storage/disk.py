@@ -6,6 +6,13 @@ without opening any file. Writes go to ``<root>/.tmp`` and are renamed into
 place, so a torn write is never seen under a chunk's name. Every read checks
 the framing, the file's key, its length and the payload checksum; a file that
 fails is deleted and counted, and the read is a miss.
+
+Several processes may share one directory (vLLM's scheduler and worker do):
+``watch=True`` makes ``contains`` notice files other processes added or
+removed, by re-listing a ``<k[:2]>`` folder when its mtime moved (one
+``stat`` per folder and call otherwise). ``read_only=True`` opens the folder
+as an observer: it never writes, evicts, touches or deletes a file, so a
+process that only looks up (the scheduler) cannot fight the writer's budget.
 """
 
 from __future__ import annotations
@@ -37,13 +44,22 @@ log = logging.getLogger(__name__)
 _SUFFIX = ".kvc"
 _ROOT_PARENT = "root"
 _HEAD_READ = 1 << 16
+_RACE_NS = 50_000_000  # 50 ms: longer than a filesystem timestamp tick
 
 
 class DiskBackend:
     """A directory of chunk files. Thread-safe; file I/O runs outside the index lock."""
 
     def __init__(
-        self, root: Path, max_bytes: int, *, fsync: bool = False, codec: Codec | None = None, name: str = "disk"
+        self,
+        root: Path,
+        max_bytes: int,
+        *,
+        fsync: bool = False,
+        codec: Codec | None = None,
+        name: str = "disk",
+        watch: bool = False,
+        read_only: bool = False,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -52,6 +68,10 @@ class DiskBackend:
         self.max_bytes = max_bytes
         self.fsync = fsync
         self.codec = codec  # None: raw payload bytes
+        self.watch = watch or read_only
+        self.read_only = read_only
+        self._dirs: dict[str, tuple[int, int]] = {}  # watched folder -> (its mtime, when it was listed), ns
+        self._in_dir: dict[str, set[ChunkKey]] = {}
         self._lru = PrefixLRU()
         self._parents: dict[ChunkKey, ChunkKey | None] = {}
         self._pending: set[ChunkKey] = set()  # reserved in the index, file not yet in place
@@ -78,23 +98,19 @@ class DiskBackend:
         with self._lock:
             if self._started:
                 return
-            (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
-            for stale in (self.root / ".tmp").iterdir():
-                stale.unlink(missing_ok=True)
+            if self.read_only:
+                self.root.mkdir(parents=True, exist_ok=True)
+            else:
+                (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+                for stale in (self.root / ".tmp").iterdir():
+                    stale.unlink(missing_ok=True)
             found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
             for sub in os.scandir(self.root):
-                if not sub.is_dir() or len(sub.name) != 2:
-                    continue
-                for entry in os.scandir(sub.path):
-                    parsed = _parse_name(entry.name)
-                    if parsed is None:
-                        continue
-                    st = entry.stat()
-                    found.append((st.st_mtime_ns, parsed[0], parsed[1], st.st_size))
+                if sub.is_dir() and len(sub.name) == 2:
+                    found.extend(self._list_dir(sub.name))
             for _, key, parent, size in sorted(found, key=lambda f: f[0]):
-                self._lru.add(key, parent, size)
-                self._parents[key] = parent
-            victims = self._lru.plan_eviction(0, self.max_bytes) or []
+                self._index(key, parent, size)
+            victims = [] if self.read_only else self._lru.plan_eviction(0, self.max_bytes) or []
             paths = [self._forget(v) for v in victims]
             self._started = True
         for p in paths:
@@ -107,11 +123,57 @@ class DiskBackend:
 
     # -- index helpers (lock held) -----------------------------------------------------------------------------
 
+    def _index(self, key: ChunkKey, parent: ChunkKey | None, size: int) -> None:
+        self._lru.add(key, parent, size)
+        self._parents[key] = parent
+        self._in_dir.setdefault(key.hex()[:2], set()).add(key)
+
     def _forget(self, key: ChunkKey) -> Path:
         path = self._path_of(key)
         self._lru.remove(key)
         del self._parents[key]
+        self._in_dir.get(key.hex()[:2], set()).discard(key)
         return path
+
+    def _list_dir(self, sub: str) -> list[tuple[int, ChunkKey, ChunkKey | None, int]]:
+        """The chunk files in one ``<k[:2]>`` folder as (mtime, key, parent, size); records when it was listed."""
+        path = self.root / sub
+        found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
+        try:
+            dir_mtime = os.stat(path).st_mtime_ns
+            for entry in os.scandir(path):
+                parsed = _parse_name(entry.name)
+                if parsed is None:
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # removed by another process while listing
+                    continue
+                found.append((st.st_mtime_ns, parsed[0], parsed[1], st.st_size))
+        except FileNotFoundError:
+            dir_mtime = -1
+        self._dirs[sub] = (dir_mtime, time.time_ns())
+        return found
+
+    def _refresh(self, keys: Sequence[ChunkKey]) -> None:
+        """Re-list the folders of ``keys`` that changed since they were listed (other processes' writes)."""
+        for sub in {k.hex()[:2] for k in keys}:
+            try:
+                mtime = os.stat(self.root / sub).st_mtime_ns
+            except FileNotFoundError:
+                mtime = -1
+            seen = self._dirs.get(sub)
+            # A folder listed within _RACE_NS of its mtime may have changed again in the same clock tick.
+            if seen is not None and seen[0] == mtime and seen[1] - mtime > _RACE_NS:
+                continue
+            found = self._list_dir(sub)
+            on_disk = {key for _, key, _, _ in found}
+            for key in list(self._in_dir.get(sub, ())):
+                if key not in on_disk and key not in self._pending:
+                    self._forget(key)
+            for _, key, parent, size in sorted(found, key=lambda f: f[0]):
+                if key not in self._lru:
+                    self._index(key, parent, size)
 
     def _present(self, key: ChunkKey) -> bool:
         return key in self._lru and key not in self._pending
@@ -120,6 +182,8 @@ class DiskBackend:
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
         with self._lock:
+            if self.watch and self._started:
+                self._refresh(keys)
             return [self._present(k) for k in keys]
 
     def get(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
@@ -129,6 +193,8 @@ class DiskBackend:
         for key, path in zip(keys, paths, strict=True):
             found.append(self._read(key, path) if path is not None else None)
         hits = [k for k, c in zip(keys, found, strict=True) if c is not None]
+        if self.read_only:
+            return found
         with self._lock:
             self._lru.touch(hits)
             for key in reversed(hits):  # ancestors get the later mtime, as in the LRU
@@ -168,9 +234,12 @@ class DiskBackend:
             self._corrupt += 1
             if self._present(key):
                 self._forget(key)
-        path.unlink(missing_ok=True)
+        if not self.read_only:
+            path.unlink(missing_ok=True)
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        if self.read_only:
+            raise ValueError(f"disk tier {self.root} is open read-only: put is not allowed")
         results: list[bool] = []
         rejected: set[ChunkKey] = set()
         for chunk in chunks:
@@ -190,8 +259,7 @@ class DiskBackend:
                 if chunk.key not in self._pending:
                     _touch_file(self._path_of(chunk.key), self._next_mtime())
                 return True
-            self._lru.add(chunk.key, chunk.parent, size)
-            self._parents[chunk.key] = chunk.parent
+            self._index(chunk.key, chunk.parent, size)
             victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key, *self._pending])
             if victims is None:
                 self._forget(chunk.key)
@@ -229,10 +297,12 @@ class DiskBackend:
         return True
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
+        """Remove keys and their files (a read-only tier only forgets them)."""
         with self._lock:
             paths = [self._forget(k) for k in keys if self._present(k)]
-        for p in paths:
-            p.unlink(missing_ok=True)
+        if not self.read_only:
+            for p in paths:
+                p.unlink(missing_ok=True)
         return len(paths)
 
     def clear(self) -> int:

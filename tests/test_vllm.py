@@ -1,0 +1,224 @@
+"""kvtier inside real vLLM (CPU build): store in one engine process, load in a fresh one.
+
+Three engine start-ups for the whole module (each ~30-50 s here): a baseline
+without kvtier, a run that stores, and a fresh run that loads. Prompts are
+token ids of Debian's license texts (shipped with every Debian system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (the vllm extra)")
+
+from kvtier.config import load_config  # noqa: E402
+from kvtier.fingerprint import folder_fingerprint  # noqa: E402
+from kvtier.keys import Namespace, chunk_spans  # noqa: E402
+from kvtier.layout import KVLayout  # noqa: E402
+from kvtier.models import resolve_model  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "vllm_driver.py"
+
+
+def run_driver(spec: dict, *, timeout: float = 600) -> tuple[list[dict], str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    line = next(ln for ln in log.splitlines() if ln.startswith("VLLM_DRIVER_RESULT "))
+    return json.loads(line.split(" ", 1)[1])["outputs"], log
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return resolve_model("smollm2-135m", load_config(env={}).cache_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(model_dir: Path) -> dict[str, list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    gpl = Path("/usr/share/common-licenses/GPL-3").read_text()
+    apache = Path("/usr/share/common-licenses/Apache-2.0").read_text()
+    return {"a": tok(gpl).input_ids[:600], "b": tok(apache).input_ids[:700]}
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir: Path, prompts: dict[str, list[int]], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    cache = tmp_path_factory.mktemp("kvtier-vllm")
+    kvtier = {"set": {"cache_dir": str(cache), "l1.max_bytes": "512MB"}}
+    a, b = prompts["a"], prompts["b"]
+    base, _ = run_driver({"model": str(model_dir), "kvtier": None, "requests": [{"tokens": a}, {"tokens": b}]})
+    stored, store_log = run_driver(
+        {
+            "model": str(model_dir),
+            "kvtier": kvtier,
+            "requests": [{"tokens": a}, {"tokens": b}, {"tokens": a, "cache_salt": "tenant-a"}],
+        }
+    )
+    # Damage the second chunk of prompt b on disk: the fresh engine is promised it, fails to load it, recomputes.
+    layout = KVLayout(30, 3, 64, "float32")
+    ns = Namespace(folder_fingerprint(model_dir, cache), layout)
+    key = chunk_spans(ns, b, 256)[1].key.hex()
+    (victim,) = (cache / "chunks" / key[:2]).glob(f"{key}.*.kvc")
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    loaded, load_log = run_driver(
+        {
+            "model": str(model_dir),
+            "kvtier": kvtier,
+            "requests": [
+                {"tokens": a},
+                {"tokens": b},
+                {"tokens": a, "cache_salt": "tenant-b"},
+                {"tokens": a, "cache_salt": "tenant-a"},
+            ],
+        }
+    )
+    return {"base": base, "stored": stored, "loaded": loaded, "store_log": store_log, "load_log": load_log}
+
+
+def test_storing_does_not_change_output(runs):
+    base, stored = runs["base"], runs["stored"]
+    assert [o["token_ids"] for o in stored[:2]] == [o["token_ids"] for o in base]
+    assert stored[2]["token_ids"] == base[0]["token_ids"]
+    assert len(base[0]["token_ids"]) == 16
+
+
+def test_fresh_process_loads_from_kvtier_with_identical_output(runs):
+    base, loaded = runs["base"], runs["loaded"]
+    assert loaded[0]["num_cached_tokens"] == 512  # two 256-token chunks; nothing in vLLM's own cache yet
+    assert loaded[0]["text"] == base[0]["text"]
+    assert loaded[0]["token_ids"] == base[0]["token_ids"]
+    assert "loaded 512 tokens [0, 512) from kvtier" in runs["load_log"]
+
+
+def test_corrupt_chunk_is_recomputed_with_identical_output(runs):
+    base, loaded = runs["base"], runs["loaded"]
+    assert loaded[1]["token_ids"] == base[1]["token_ids"]
+    assert "kvtier loaded 256 of 512 promised tokens; 2 blocks will be recomputed" in runs["load_log"]
+    assert "checksum" in runs["load_log"]  # the disk tier says why it dropped the chunk
+
+
+def test_cache_salt_isolates_tenants(runs):
+    base, loaded = runs["base"], runs["loaded"]
+    other, same = loaded[2], loaded[3]
+    assert other["num_cached_tokens"] == 0  # tenant-b never stored anything, and vLLM's own cache is salted too
+    assert same["num_cached_tokens"] == 512  # tenant-a's chunks from the first process
+    assert other["token_ids"] == same["token_ids"] == base[0]["token_ids"]
+
+
+# -- kvtier serve: vLLM's OpenAI server with the connector, over HTTP ------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float = 120) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _stream(url: str, body: dict, timeout: float = 120) -> list[dict]:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                events.append(json.loads(line[len("data: ") :]))
+    return events
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    import time
+    import urllib.request
+
+    cache = tmp_path_factory.mktemp("kvtier-serve")
+    port = _free_port()
+    log_path = cache / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    cmd = [str(Path(sys.executable).parent / "kvtier"), "serve", "--port", str(port), "--max-model-len", "2048"]
+    cmd += ["--set", f"l2.path={cache / 'chunks'}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-5000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy\n" + log_path.read_text()[-5000:]
+            time.sleep(1)
+        yield base, log_path
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def _chunk_files(root: Path, at_least: int) -> int:
+    import time
+
+    deadline = time.monotonic() + 20  # the worker writes disk chunks in the background
+    while (n := len(list(root.glob("??/*.kvc")))) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return n
+
+
+def test_serve_answers_completions_and_stores_per_tenant(server):
+    base, log_path = server
+    chunks = log_path.parent / "chunks"
+    text = Path("/usr/share/common-licenses/GPL-3").read_text()[:2500]
+    body = {"model": "smollm2-135m", "prompt": text, "max_tokens": 12, "temperature": 0}
+    first = _post(base + "/v1/completions", body)
+    assert first["choices"][0]["text"]
+    assert first["usage"]["prompt_tokens"] > 512
+    stored = _chunk_files(chunks, 3)  # two full 256-token chunks of the prompt + the trailing partial
+    assert stored >= 3
+    again = _post(base + "/v1/completions", {**body, "cache_salt": "tenant-x"})  # another tenant: its own chunks
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert _chunk_files(chunks, 2 * stored) == 2 * stored
+
+
+def test_serve_chat_completions_plain_and_streaming(server):
+    base, _ = server
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    body = {"model": "smollm2-135m", "messages": messages, "max_tokens": 8, "temperature": 0}
+    plain = _post(base + "/v1/chat/completions", body)
+    answer = plain["choices"][0]["message"]["content"]
+    assert "Paris" in answer
+    events = _stream(base + "/v1/chat/completions", body)
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert len(events) > 2 and streamed == answer
