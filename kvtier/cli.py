@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--kv-cache-gib", type=float, help="vLLM's own KV memory in GiB (VLLM_CPU_KVCACHE_SPACE; default 4)"
     )
     serve.add_argument("--served-model-name", help="the model name clients send (default: --model)")
+    serve.add_argument("--metrics-port", type=int, help="serve kvtier's Prometheus metrics on this port too")
     serve.add_argument("--no-kvtier", action="store_true", help="the same vLLM server without kvtier (a baseline)")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
     serve.add_argument("vllm_args", nargs="*", help="extra vLLM arguments, after --")
@@ -82,6 +83,7 @@ def _serve(args: argparse.Namespace, config: KvtierConfig) -> None:
         kv_cache_gib=args.kv_cache_gib,
         kvtier=not args.no_kvtier,
         served_model_name=args.served_model_name,
+        metrics_port=args.metrics_port,
         vllm_args=tuple(args.vllm_args),
     )
     argv, env = serve.prepare(config, args.config, _overrides(args), options)

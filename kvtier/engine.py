@@ -150,7 +150,9 @@ class CacheEngine:
             backends.append(RedisBackend.from_config(config.l3, tenant=config.tenant))
         if not backends:
             raise ValueError(
-                "an observer engine needs l2 or l3 enabled" if observer else "at least one tier (l1, l2 or l3) must be enabled"
+                "an observer engine needs l2 or l3 enabled"
+                if observer
+                else "at least one tier (l1, l2 or l3) must be enabled"
             )
         tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics)
         return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)

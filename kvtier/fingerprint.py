@@ -90,7 +90,7 @@ def folder_fingerprint(model_dir: Path | str, cache_dir: Path | str | None = Non
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for f in files:
             with safe_open(str(f), "pt") as sf:
-                for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                for name in sf.keys():
                     yield name, sf.get_tensor(name)
 
     digest = model_fingerprint(config, tensors())

@@ -73,6 +73,9 @@ class KvtierMetrics:
             "kvtier_invalid_chunks", "Chunks refused on read (mismatch or unreadable)", ["reason"], registry=r
         )
         self.dropped_writes = Counter("kvtier_dropped_writes", "Chunk writes dropped by a full queue", registry=r)
+        self.load_failures = Counter(
+            "kvtier_load_failures", "Promised KV an engine adapter could not load (recomputed instead)", registry=r
+        )
         self._backend_sources: list[Callable[[], Sequence[BackendStats]]] = []
         self.registry.register(_BackendCollector(self._backend_sources))
 

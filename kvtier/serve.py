@@ -37,14 +37,19 @@ class ServeOptions:
     kv_cache_gib: float | None = None  # vLLM's own KV memory (VLLM_CPU_KVCACHE_SPACE); None: env or the default
     kvtier: bool = True  # False: the same vLLM server without the connector (a peer for benchmarks)
     served_model_name: str | None = None
+    metrics_port: int | None = None  # kvtier's own /metrics (the worker's tiers), besides vLLM's
     vllm_args: tuple[str, ...] = ()
 
 
-def connector_config(config_file: Path | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def connector_config(
+    config_file: Path | None, overrides: Mapping[str, Any], metrics_port: int | None = None
+) -> dict[str, Any]:
     """vLLM's ``--kv-transfer-config`` for the kvtier connector."""
     extra: dict[str, Any] = {"set": {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}}
     if config_file is not None:
         extra["config"] = str(Path(config_file).resolve())
+    if metrics_port is not None:
+        extra["metrics_port"] = metrics_port
     return {
         "kv_connector": "KvtierConnector",
         "kv_connector_module_path": "kvtier.adapters.vllm",
@@ -77,7 +82,8 @@ def build_command(
         str(options.max_model_len),
     ]
     if options.kvtier:
-        cmd += ["--kv-transfer-config", json.dumps(connector_config(config_file, overrides), separators=(",", ":"))]
+        transfer = connector_config(config_file, overrides, options.metrics_port)
+        cmd += ["--kv-transfer-config", json.dumps(transfer, separators=(",", ":"))]
     return cmd + list(options.vllm_args)
 
 

@@ -17,11 +17,11 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (the vllm extra)")
 
-from kvtier.config import load_config  # noqa: E402
-from kvtier.fingerprint import folder_fingerprint  # noqa: E402
-from kvtier.keys import Namespace, chunk_spans  # noqa: E402
-from kvtier.layout import KVLayout  # noqa: E402
-from kvtier.models import resolve_model  # noqa: E402
+from kvtier.config import load_config
+from kvtier.fingerprint import folder_fingerprint
+from kvtier.keys import Namespace, chunk_spans
+from kvtier.layout import KVLayout
+from kvtier.models import resolve_model
 
 pytestmark = pytest.mark.vllm
 
@@ -143,7 +143,9 @@ def _post(url: str, body: dict, timeout: float = 120) -> dict:
 def _stream(url: str, body: dict, timeout: float = 120) -> list[dict]:
     import urllib.request
 
-    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"}
+    )
     events = []
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         for raw in resp:

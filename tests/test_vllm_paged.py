@@ -97,7 +97,9 @@ def test_cpu_engine_store_reads_blocks_exactly(tmp_path):
     paged = probe_layout(layers[0], H, D, BS, writer("cpu-k-transposed"))
     kv = torch.randn(2, 2, H, 40, D)
     paged.write_tokens(layers, [kv[0], kv[1]], paged.slots([3, 0, 5], 0, 40))
-    engine = CacheEngine(Namespace("fp", layout), TierStack([MemoryBackend(1 << 24)], write_queue_bytes=1 << 20), chunk_size=32)
+    engine = CacheEngine(
+        Namespace("fp", layout), TierStack([MemoryBackend(1 << 24)], write_queue_bytes=1 << 20), chunk_size=32
+    )
     tokens = list(range(100, 140))
     with engine:
         assert engine.store(tokens, PagedKV(paged, layers, [3, 0, 5], 40)).stored_chunks == 2  # 32 + partial 8

@@ -1,8 +1,8 @@
 """Run prompts through a real vLLM engine (optionally with the kvtier connector); print one JSON line.
 
 Used by tests/test_vllm.py in a subprocess (vLLM spawns its own processes and
-must run under ``if __name__ == "__main__"``). Input (argv[1], JSON):
-``{"model": DIR, "kvtier": null | {"set": {...}}, "requests": [{"tokens": [...], "cache_salt": null, "max_tokens": 16}]}``.
+must run under ``if __name__ == "__main__"``). Input (argv[1], JSON): ``{"model": DIR,
+"kvtier": null | {"set": {...}}, "requests": [{"tokens": [...], "cache_salt": null, "max_tokens": 16}]}``.
 Requests run one at a time, in order. Output: ``{"outputs": [{"text", "token_ids", "num_cached_tokens"}]}``.
 """
 

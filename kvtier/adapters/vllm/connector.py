@@ -444,6 +444,7 @@ class _WorkerSide:
         self._metrics_server: Any = None
         if settings.metrics_port is not None:
             self._metrics_server = self.base.metrics.serve(settings.metrics_port)
+            log.info("kvtier metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         layout = self.settings.namespace.layout
@@ -496,6 +497,7 @@ class _WorkerSide:
             self._load_errors.update(bad)
             self._failed_reqs.add(op.req_id)
             self.failed_loads += 1
+            self.base.metrics.load_failures.inc()
             log.warning(
                 "request %s: kvtier loaded %d of %d promised tokens; %d blocks will be recomputed",
                 op.req_id,

@@ -1,0 +1,67 @@
+"""`kvtier serve` up to the point where vLLM would start, and the core's independence from vLLM."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from kvtier.cli import main
+
+
+def test_core_imports_without_vllm():
+    code = (
+        "import sys, kvtier, kvtier.engine, kvtier.cli, kvtier.serve, kvtier.adapters.vllm, kvtier.adapters.vllm.paged;"
+        "assert not any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules), 'vllm imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def printed(capsys, tmp_path):
+    pytest.importorskip("vllm", reason="kvtier serve needs vLLM installed")
+
+    def run(*args: str) -> tuple[int, list[str], str]:
+        rc = main(["serve", "--print-command", "--set", f"l2.path={tmp_path}", *args])
+        out, err = capsys.readouterr()
+        return rc, shlex.split(out.strip()) if out.strip() else [], err
+
+    return run
+
+
+def test_print_command_carries_the_connector_and_the_kvtier_config(printed, tmp_path):
+    rc, argv, _ = printed("--port", "8123", "--set", "l1.max_bytes=1GB", "--metrics-port", "9464", "--", "--seed", "3")
+    assert rc == 0
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--port") + 1] == "8123"
+    assert argv[-2:] == ["--seed", "3"]
+    transfer = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert transfer["kv_connector"] == "KvtierConnector"
+    assert transfer["kv_connector_module_path"] == "kvtier.adapters.vllm"
+    assert transfer["kv_load_failure_policy"] == "recompute"
+    extra = transfer["kv_connector_extra_config"]
+    assert extra["set"] == {"l2.path": str(tmp_path), "l1.max_bytes": "1GB"}
+    assert extra["metrics_port"] == 9464
+
+
+def test_no_kvtier_is_the_same_server_without_the_connector(printed):
+    rc, argv, _ = printed("--no-kvtier")
+    assert rc == 0 and "--kv-transfer-config" not in argv and "--enforce-eager" in argv
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "chunk_size=100"], "must be a multiple of vLLM's block size 128"),
+        (["--set", "chunk_size=256", "--", "--block-size", "96"], "must be a multiple of vLLM's block size 96"),
+        (["--set", "l2.enabled=false"], "needs l2 (disk) or l3 (Redis)"),
+        (["--set", "l1.max_bytes=lots"], "l1.max_bytes"),
+    ],
+)
+def test_bad_settings_are_refused_before_vllm_starts(printed, args, message):
+    rc, argv, err = printed(*args)
+    assert rc == 2 and argv == []
+    assert message in err
