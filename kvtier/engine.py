@@ -70,7 +70,12 @@ class RetrieveResult:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What a ``store`` call did: chunks written, already present, refused by a full tier."""
+    """What a ``store`` call did: chunks written (or queued), already present, refused.
+
+    ``rejected_chunks`` counts chunks the synchronous tier refused (full) or
+    a full write-behind queue dropped; a background write that fails later is
+    counted by the tier (its ``rejected_puts``/errors), not here.
+    """
 
     stored_chunks: int
     skipped_chunks: int
@@ -154,7 +159,9 @@ class CacheEngine:
                 if observer
                 else "at least one tier (l1, l2 or l3) must be enabled"
             )
-        tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics)
+        # Only the memory tier is written on the caller's thread; disk and Redis always in the background.
+        sync = 1 if isinstance(backends[0], MemoryBackend) else 0
+        tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics, sync_tiers=sync)
         return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
 
     def start(self) -> CacheEngine:
@@ -288,8 +295,9 @@ class CacheEngine:
         ``kv`` covers the first ``kv.num_tokens`` tokens (a [L, 2, H, N, D]
         tensor or any :class:`KVSource`); chunks beyond it are not stored.
         KV is copied out of ``kv`` before this returns, so the caller may
-        reuse its memory. The top tier is written now, lower tiers in the
-        background (a full write queue drops those writes, counted).
+        reuse its memory. The memory tier is written now, disk and Redis in
+        the background (a full write queue drops those writes, counted): with
+        L1 disabled a stored chunk becomes visible once written (``flush``).
         """
         arr = _tokens(tokens)
         source = TensorKV(kv, self.layout) if isinstance(kv, torch.Tensor) else kv
@@ -299,8 +307,10 @@ class CacheEngine:
         if self.store_partial and n > full_end:
             parent = spans[-1].key if spans else None
             spans.append(next(partial_keys(self.namespace, parent, arr[:n], full_end)))
-        where = self.tiers.locate([s.key for s in spans], count_misses=False)
-        new = [s for s, w in zip(spans, where, strict=True) if w is None]
+        keys = [s.key for s in spans]
+        where = self.tiers.locate(keys, count_misses=False)
+        queued = self.tiers.queued(keys) if self.tiers.sync_tiers == 0 else [False] * len(keys)
+        new = [s for s, w, q in zip(spans, where, queued, strict=True) if w is None and not q]
         chunks = [
             Chunk(
                 s.key,

@@ -374,7 +374,16 @@ def test_single_tier_engines(make_engine: EngineFactory, layout: KVLayout) -> No
     tokens, kv = _tokens(40), _kv(layout, 40)
     only_disk = make_engine(l1__enabled=False)
     assert only_disk.tiers.names == ["disk"]
-    only_disk.store(tokens, kv)
+    assert only_disk.tiers.sync_tiers == 0  # without L1, disk I/O stays off the caller's thread
+    disk = _disk(only_disk)
+    gate = threading.Event()
+    real_put = disk.put
+    disk.put = lambda chunks: gate.wait(10) and real_put(chunks)  # type: ignore[method-assign]
+    first = only_disk.store(tokens, kv)  # returns while the disk write is held back
+    assert first.stored_chunks == 3 and only_disk.lookup(tokens).num_tokens == 0
+    assert only_disk.store(tokens, kv).stored_chunks == 0  # queued chunks are not queued twice
+    gate.set()
+    assert only_disk.flush(10)
     result = only_disk.retrieve(tokens)
     assert result.tier_tokens == {"disk": 40}
     _assert_kv(result.layers, kv, 40)

@@ -1,7 +1,9 @@
 """The tier stack: L1 -> L2 (-> L3), with promotion and bounded write-behind.
 
-* ``put`` writes the first tier synchronously and queues the chunks for the
-  lower tiers on one background writer thread. The queue is bounded in bytes:
+* ``put`` writes the first ``sync_tiers`` tiers synchronously (1: the memory
+  tier; 0 when there is none, so disk and Redis I/O never run on the caller's
+  thread) and queues the chunks for the other tiers on one background writer
+  thread. The queue is bounded in bytes:
   when it is full the write is dropped and counted, never waited for, so a
   slow disk cannot stall inference.
 * ``locate`` answers from the tiers' in-memory indexes, top tier first.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,10 +41,18 @@ class TierStack:
     """An ordered list of backends, fastest first. Thread-safe."""
 
     def __init__(
-        self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int, metrics: KvtierMetrics | None = None
+        self,
+        tiers: Sequence[StorageBackend],
+        *,
+        write_queue_bytes: int,
+        metrics: KvtierMetrics | None = None,
+        sync_tiers: int = 1,
     ) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
+        if not 0 <= sync_tiers <= len(tiers):
+            raise ValueError(f"sync_tiers must be in [0, {len(tiers)}], got {sync_tiers}")
+        self.sync_tiers = sync_tiers
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
@@ -54,6 +65,7 @@ class TierStack:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
+        self._queued_keys: Counter[ChunkKey] = Counter()
         self._dropped_writes = 0
         self._write_errors = 0
         self._writer: threading.Thread | None = None
@@ -66,7 +78,7 @@ class TierStack:
         """Start every backend and the writer thread. Idempotent."""
         for t in self.tiers:
             t.start()
-        if self._writer is None and len(self.tiers) > 1:
+        if self._writer is None and len(self.tiers) > self.sync_tiers:
             self._writer = threading.Thread(target=self._write_loop, name="kvtier-write-behind", daemon=True)
             self._writer.start()
 
@@ -141,33 +153,47 @@ class TierStack:
     # -- writes ------------------------------------------------------------------------------------------------
 
     def put(self, chunks: Sequence[Chunk]) -> int:
-        """Store new chunks: top tier now, lower tiers in the background. Returns how many the top tier took."""
+        """Store new chunks: the first ``sync_tiers`` tiers now, the rest in the background.
+
+        Returns how many chunks the first tier took (with ``sync_tiers=0``: how
+        many were queued; a full queue drops them, counted in ``dropped_writes``).
+        """
         if not chunks:
             return 0
-        accepted = self._put(0, chunks)
-        self._enqueue(chunks, tuple(range(1, len(self.tiers))))
-        return accepted
+        accepted = [self._put(ti, chunks) for ti in range(self.sync_tiers)]
+        queued = self._enqueue(chunks, tuple(range(self.sync_tiers, len(self.tiers))))
+        return accepted[0] if accepted else (len(chunks) if queued else 0)
 
     def promote(self, chunks: Sequence[Chunk], source_tier: int) -> None:
-        """Copy chunks read from ``source_tier`` into the tiers above it (top tier synchronously)."""
+        """Copy chunks read from ``source_tier`` into the tiers above it (the synchronous ones now)."""
         if source_tier <= 0 or not chunks:
             return
-        self._put(0, chunks)
-        self._enqueue(chunks, tuple(range(1, source_tier)))
+        for ti in range(min(self.sync_tiers, source_tier)):
+            self._put(ti, chunks)
+        self._enqueue(chunks, tuple(range(self.sync_tiers, source_tier)))
 
-    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> None:
+    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> bool:
         if not tiers:
-            return
+            return False
         nbytes = sum(c.nbytes for c in chunks)
         with self._lock:
             if self._queued_bytes + nbytes > self.write_queue_bytes:
                 self._dropped_writes += len(chunks)
                 self.metrics.dropped_writes.inc(len(chunks))
-                log.warning("write-behind queue full: dropped %d chunks for %s", len(chunks), self.names[1:])
-                return
+                log.warning(
+                    "write-behind queue full: dropped %d chunks for %s", len(chunks), [self.names[t] for t in tiers]
+                )
+                return False
             self._queued_bytes += nbytes
             self._in_flight += 1
+            self._queued_keys.update(c.key for c in chunks)
         self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes))
+        return True
+
+    def queued(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which keys wait in the write-behind queue (not yet readable from their tiers)."""
+        with self._lock:
+            return [k in self._queued_keys for k in keys]
 
     def _write_loop(self) -> None:
         while True:
@@ -185,6 +211,8 @@ class TierStack:
             with self._lock:
                 self._queued_bytes -= job.nbytes
                 self._in_flight -= 1
+                self._queued_keys.subtract(c.key for c in job.chunks)
+                self._queued_keys = +self._queued_keys
                 self._idle.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
