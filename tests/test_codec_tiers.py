@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.chunk import Chunk, decode, encode
+from kvtier.chunk import Chunk, decode, decode_header, encode
 from kvtier.codec import get_codec
+from kvtier.codec.frame import FramedCodec
+from kvtier.codec.kivi import Int8
+from kvtier.codec.quant import Int8V1
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ChunkFormatError, ConfigError
@@ -52,13 +55,13 @@ def test_unknown_codec_in_header_is_a_format_error(namespace: Namespace) -> None
 
 def test_body_of_another_codec_is_a_format_error(namespace: Namespace) -> None:
     chunk = _chunk(namespace)
-    int8 = encode(chunk, get_codec("int8"))
     fp16 = encode(chunk, get_codec("fp16"))
-    # graft the fp16 body under the int8 header (checksum fixed up): the codec's own framing refuses it
-    head_len = int8.index(b"}") + 1
-    header = int8[:head_len].replace(b'"codec":"int8"', b'"codec":"fp16"')
-    with pytest.raises(ChunkFormatError):
-        decode(bytearray(header + fp16[head_len:]))
+    # the fp16 body under a header that names int8 (same length; the payload checksum stays valid, as it
+    # covers the payload only): the codec's own framing refuses it
+    forged = fp16.replace(b'"codec":"fp16"', b'"codec":"int8"', 1)
+    assert forged != fp16 and decode_header(forged).codec == "int8"
+    with pytest.raises(ChunkFormatError, match="not written by codec"):
+        decode(bytearray(forged))
 
 
 def test_config_rejects_unknown_codec(tmp_path: Path) -> None:
@@ -101,3 +104,59 @@ def test_l1_codec_holds_encoded_chunks_within_budget(tmp_path: Path, big_ns: Nam
     assert stats.used_bytes < 0.6 * kv.nbytes
     got = torch.stack(hit.layers)
     assert torch.allclose(got, kv, rtol=1e-3, atol=1e-3)
+
+
+class _FutureInt8(Int8):
+    """An int8 layout this version does not know (a base id from the future)."""
+
+    ident = 99
+
+
+def _rewrite_chunk_files(root: Path, codec) -> int:
+    """Re-encode every chunk file under ``root`` with ``codec`` (same key, tokens and KV); returns the count."""
+    files = sorted(root.rglob("*.kvc"))
+    for path in files:
+        chunk = decode(bytearray(path.read_bytes()))
+        path.write_bytes(encode(chunk, codec))
+    return len(files)
+
+
+def test_chunks_of_the_first_int8_layout_still_hit(tmp_path: Path, big_ns: Namespace) -> None:
+    """Chunk files written by the first int8 layout (before this version) decode: a hit, not a miss."""
+    tokens = np.arange(64)
+    kv = torch.randn(big_ns.layout.chunk_shape(64))
+    with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as writer:
+        writer.store(tokens, kv)
+    old = FramedCodec(Int8V1())
+    assert old.name == "int8" and _rewrite_chunk_files(tmp_path, old) == 4
+    # what each rewritten file holds, decoded by the first layout's own code, in token order
+    chunks = sorted((decode(bytearray(p.read_bytes())) for p in tmp_path.rglob("*.kvc")), key=lambda c: c.tokens[0])
+    assert all(c.codec == "int8" for c in chunks)
+    want = torch.cat([c.payload for c in chunks], dim=3)
+    with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as reader:
+        hit = reader.retrieve(tokens)
+        stats = reader.stats()
+    assert hit.num_tokens == 64 and hit.tier_tokens["disk"] == 64
+    assert sum(stats.invalid_chunks.values()) == 0
+    got = torch.stack(hit.layers)
+    assert torch.equal(got, want)
+    assert 0 < (got - kv).abs().max().item() < 0.1
+
+
+def test_chunk_with_unknown_codec_layout_is_a_clean_counted_miss(tmp_path: Path, big_ns: Namespace) -> None:
+    """A chunk whose codec frame names a layout this version lacks is dropped and counted, never decoded."""
+    tokens = np.arange(64)
+    kv = torch.randn(big_ns.layout.chunk_shape(64))
+    chunk = _chunk(big_ns)
+    future = encode(chunk, FramedCodec(_FutureInt8()))
+    assert decode_header(future).codec == "int8"  # the chunk header names a codec this version has
+    with pytest.raises(ChunkFormatError, match="not written by codec"):
+        decode(bytearray(future))
+    with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as writer:
+        writer.store(tokens, kv)
+    assert _rewrite_chunk_files(tmp_path, FramedCodec(_FutureInt8())) == 4
+    with _engine(tmp_path, big_ns, **{"l2.codec": "raw", "l1.enabled": False}) as reader:
+        hit = reader.retrieve(tokens)
+        disk = reader.tiers.stats()[0]
+    assert hit.num_tokens == 0
+    assert disk.corrupt >= 1  # the first chunk is read, refused and dropped; its children are unreachable

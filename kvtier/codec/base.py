@@ -76,11 +76,18 @@ class BaseStage(Protocol):
     written) and returns a new contiguous tensor, except where documented.
     ``shuffle_size`` is the element size whose bytes a following lossless
     stage should shuffle (1: no shuffle).
+
+    ``ident`` is the id the frame header records; it changes whenever the
+    stage's byte layout changes. ``legacy`` lists the stages (by class) that
+    wrote earlier layouts under the same ``name``: a codec still decodes data
+    whose header names one of their ids, so chunks written before a format
+    change stay readable.
     """
 
     name: ClassVar[str]
     ident: ClassVar[int]
     lossy: ClassVar[bool]
+    legacy: ClassVar[tuple[type[BaseStage], ...]]
 
     def shuffle_size(self, dtype: torch.dtype) -> int: ...
 

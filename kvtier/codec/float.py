@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from kvtier.codec.base import Shape
+from kvtier.codec.base import BaseStage, Shape
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -39,6 +39,7 @@ class Raw:
     name: ClassVar[str] = "raw"
     ident: ClassVar[int] = 1
     lossy: ClassVar[bool] = False
+    legacy: ClassVar[tuple[type[BaseStage], ...]] = ()
 
     def shuffle_size(self, dtype: torch.dtype) -> int:
         return _itemsize(dtype)
@@ -60,6 +61,7 @@ class _Downcast:
     ident: ClassVar[int]
     stored: ClassVar[torch.dtype]
     lossy: ClassVar[bool] = True
+    legacy: ClassVar[tuple[type[BaseStage], ...]] = ()
 
     def shuffle_size(self, dtype: torch.dtype) -> int:
         return _itemsize(self.stored)

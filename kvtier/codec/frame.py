@@ -5,7 +5,8 @@ An encoded payload is a 64-byte little-endian header followed by the body::
     offset size field
          0    4 magic b"KVCD"
          4    1 format version (1)
-         5    1 base stage id        (raw 1, fp16 2, bf16 3, int8 4, fp8 5, int4 6)
+         5    1 base stage id        (raw 1, fp16 2, bf16 3, fp8 5, int8 7, int4 8;
+                                     4 and 6 are the first int8 and int4 layouts, still decoded)
          6    1 lossless stage id    (none 0, zstd 1, lz4 2)
          7    1 shuffle element size (1: bytes not shuffled)
          8    1 payload dtype        (float32 1, float16 2, bfloat16 3)
@@ -18,8 +19,12 @@ An encoded payload is a 64-byte little-endian header followed by the body::
 
 The CRC catches any damaged header byte (CRC-32 detects every burst of up to
 32 bits); the recorded ids, dtype and shape must equal the decoding codec's and
-the caller's; the lengths must equal what the base stage produces for that
-shape and the bytes actually present.
+the caller's (the base id may also be that of one of the base stage's
+``legacy`` stages: an earlier layout of the same codec, decoded by that
+stage); the lengths must equal what that stage produces for that shape and
+the bytes actually present. A base id that is neither (a layout newer than
+this code, or another codec's) raises CodecError, which the chunk reader
+turns into a refused chunk: a counted miss, never a wrong tensor.
 The body's integrity beyond that is the chunk checksum's job (zstd and lz4
 frames also carry their own content checksums). The body starts 64 bytes in,
 so a body in an aligned buffer is aligned for any element type.
@@ -54,6 +59,10 @@ class FramedCodec:
     def __init__(self, base: BaseStage, lossless: LosslessStage | None = None) -> None:
         self._base = base
         self._lossless = lossless
+        # stages that decode this codec's data by base id: the current one, then earlier layouts
+        self._readers: dict[int, BaseStage] = {base.ident: base}
+        for stage in getattr(base, "legacy", ()):
+            self._readers.setdefault(stage.ident, stage())
         self.name = base.name if lossless is None else f"{base.name}+{lossless.name}"
         self.lossy = base.lossy
 
@@ -97,22 +106,23 @@ class FramedCodec:
         if dtype not in _DTYPE_IDS:
             raise ValueError(f"dtype must be one of {tuple(_DTYPE_IDS)}, got {dtype}")
         view = memoryview(data).cast("B")
-        raw_len, shuffle_size = self._check_header(view, shape, dtype)
+        base, raw_len, shuffle_size = self._check_header(view, shape, dtype)
         body = view[HEADER_BYTES:]
         if self._lossless is None:
             if not body.readonly:
-                return self._base.decode(torch.frombuffer(body, dtype=torch.uint8), shape, dtype)
+                return base.decode(torch.frombuffer(body, dtype=torch.uint8), shape, dtype)
             raw = np.frombuffer(body, dtype=np.uint8).copy()  # torch cannot wrap read-only memory
         else:
             raw = self._lossless.decompress(body, raw_len)
             if shuffle_size > 1:
                 raw = unshuffle(raw, shuffle_size)
-        return self._base.decode(torch.from_numpy(raw), shape, dtype)
+        return base.decode(torch.from_numpy(raw), shape, dtype)
 
-    def _check_header(self, view: memoryview, shape: Shape, dtype: torch.dtype) -> tuple[int, int]:
+    def _check_header(self, view: memoryview, shape: Shape, dtype: torch.dtype) -> tuple[BaseStage, int, int]:
         """Validate the header against this codec, the caller's shape/dtype and the data's length.
 
-        Returns (base output length, shuffle element size); raises CodecError.
+        Returns (the base stage that wrote the data, its output length, shuffle element size);
+        raises CodecError.
         """
         if len(view) < HEADER_BYTES:
             raise CodecError(f"truncated: {len(view)} bytes, less than the {HEADER_BYTES}-byte header")
@@ -127,16 +137,17 @@ class FramedCodec:
         if crc != zlib.crc32(view[: _HEAD.size]):
             raise CodecError("codec header checksum mismatch")
         expected_lossless = 0 if self._lossless is None else self._lossless.ident
-        if base_id != self._base.ident or lossless_id != expected_lossless:
+        base = self._readers.get(base_id)
+        if base is None or lossless_id != expected_lossless:
             raise CodecError(f"data was not written by codec {self.name!r} (ids {base_id}, {lossless_id})")
         if dtype_id != _DTYPE_IDS[dtype] or data_shape != shape:
             raise CodecError(f"data encodes shape {list(data_shape)} dtype #{dtype_id}, not {list(shape)} {dtype}")
-        expected_raw = self._base.encoded_size(shape, dtype)
-        expected_shuffle = 1 if self._lossless is None else self._base.shuffle_size(dtype)
+        expected_raw = base.encoded_size(shape, dtype)
+        expected_shuffle = 1 if self._lossless is None else base.shuffle_size(dtype)
         if raw_len != expected_raw or shuffle_size != expected_shuffle:
             raise CodecError(f"header says {raw_len} bytes shuffled by {shuffle_size}, codec makes {expected_raw}")
         if self._lossless is None and body_len != raw_len:
             raise CodecError(f"header body length {body_len} != {raw_len}")
         if body_len != len(view) - HEADER_BYTES:
             raise CodecError(f"body is {len(view) - HEADER_BYTES} bytes, header says {body_len} (truncated?)")
-        return raw_len, shuffle_size
+        return base, raw_len, shuffle_size

@@ -5,8 +5,9 @@ from __future__ import annotations
 from kvtier.codec.base import BaseStage, Codec
 from kvtier.codec.float import Bf16, Fp16, Raw
 from kvtier.codec.frame import FramedCodec
+from kvtier.codec.kivi import Int4, Int8
 from kvtier.codec.lossless import LOSSLESS, lossless_stage
-from kvtier.codec.quant import Fp8, Int4, Int8
+from kvtier.codec.quant import Fp8
 
 _BASES: tuple[type[BaseStage], ...] = (Raw, Fp16, Bf16, Int8, Fp8, Int4)
 CODECS: tuple[str, ...] = tuple(base.name for base in _BASES)
