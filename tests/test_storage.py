@@ -594,3 +594,17 @@ def test_disk_read_only_never_writes_touches_or_deletes(disk_dir: Path, make_cha
     victim.write_bytes(bytes(data))
     assert observer.get([chain[1].key]) == [None]
     assert victim.exists()
+
+
+@pytest.mark.parametrize("backend", ["memory", "disk"])
+def test_a_chunk_the_codec_cannot_encode_is_a_refused_put(backend: str, tmp_path: Path, make_chain: MakeChain) -> None:
+    from kvtier.codec import get_codec
+
+    chain = make_chain(_tokens(12, 43))
+    chain[1].payload.fill_(1e30)  # beyond what int8's float16 scales can express
+    codec = get_codec("int8")
+    tier = MemoryBackend(10**7, codec=codec) if backend == "memory" else DiskBackend(tmp_path / "c", 10**7, codec=codec)
+    tier.start()
+    assert tier.put(chain) == [True, False, False]  # the child of a refused chunk is refused too
+    assert tier.stats().rejected_puts >= 1
+    assert tier.contains([c.key for c in chain]) == [True, False, False]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from kvtier.chunk import Chunk
+from kvtier.chunk import Chunk, encode
+from kvtier.codec import Codec
 from kvtier.keys import ChunkKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,15 @@ class StorageBackend(Protocol):
     def close(self) -> None:
         """Release resources. Idempotent."""
         ...
+
+
+def encode_or_none(chunk: Chunk, codec: Codec | None, tier: str) -> bytes | None:
+    """The stored form of ``chunk``, or None (logged) when ``codec`` cannot encode it (e.g. out-of-range values).
+
+    A tier refuses such a chunk like a full one: the caller counts a rejected put.
+    """
+    try:
+        return encode(chunk, codec)
+    except ValueError as exc:  # CodecError, or a codec refusing the values (e.g. non-finite)
+        log.warning("%s tier: cannot encode chunk %s with %s: %s", tier, chunk.key.hex()[:16], codec, exc)
+        return None

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from kvtier.chunk import CODEC_RAW, Chunk, decode, encode
+from kvtier.chunk import CODEC_RAW, Chunk, decode
 from kvtier.codec import Codec
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats
+from kvtier.storage.base import BackendStats, encode_or_none
 
 
 class MemoryBackend:
@@ -51,11 +51,14 @@ class MemoryBackend:
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         results: list[bool] = []
         rejected: set[ChunkKey] = set()
-        held = [encode(c, self.codec) if self.codec is not None else c for c in chunks]  # encode outside the lock
+        # encode outside the lock; None: the codec cannot encode this chunk (refused like a full tier)
+        held = [encode_or_none(c, self.codec, self.name) if self.codec is not None else c for c in chunks]
         with self._lock:
             for chunk, form in zip(chunks, held, strict=True):
+                if form is None:
+                    self._rejected += 1
                 # A child of a chunk this batch could not store would only push reachable prefixes out.
-                ok = chunk.parent not in rejected and self._put_one(chunk, form)
+                ok = form is not None and chunk.parent not in rejected and self._put_one(chunk, form)
                 if not ok:
                     rejected.add(chunk.key)
                 results.append(ok)

@@ -251,7 +251,13 @@ class DiskBackend:
         return results
 
     def _put_one(self, chunk: Chunk) -> bool:
-        header, payload = encode_parts(chunk, self.codec)
+        try:
+            header, payload = encode_parts(chunk, self.codec)
+        except ValueError as exc:  # the codec refuses these values (CodecError included): like a full tier
+            log.warning("disk tier: cannot encode chunk %s with %s: %s", chunk.key.hex()[:16], self.codec, exc)
+            with self._lock:
+                self._rejected += 1
+            return False
         size = len(header) + len(payload)
         with self._lock:
             if chunk.key in self._lru:

@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from kvtier.chunk import Chunk, decode_header, decode_payload, encode
+from kvtier.chunk import Chunk, decode_header, decode_payload
 from kvtier.codec import Codec, get_codec
 from kvtier.errors import ChunkFormatError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
-from kvtier.storage.base import BackendStats
+from kvtier.storage.base import BackendStats, encode_or_none
 
 if TYPE_CHECKING:
     from kvtier.config import L3Config
@@ -348,7 +348,18 @@ class RedisBackend:
             return []
         from redis.exceptions import OutOfMemoryError
 
-        values = [encode(c, self.codec) for c in chunks]
+        encoded = [encode_or_none(c, self.codec, self.name) for c in chunks]
+        refused = [i for i, v in enumerate(encoded) if v is None]
+        if refused:  # the codec cannot encode them: refused like a full tier
+            with self._lock:
+                self._n["rejected"] += len(refused)
+            kept = [i for i, v in enumerate(encoded) if v is not None]
+            stored = self.put([chunks[i] for i in kept]) if kept else []
+            ok = [False] * len(chunks)
+            for i, s in zip(kept, stored, strict=True):
+                ok[i] = s
+            return ok
+        values = [v for v in encoded if v is not None]
 
         def build(pipe: Any) -> None:
             for chunk, value in zip(chunks, values, strict=True):
