@@ -751,7 +751,7 @@ def _source_state() -> dict[str, Any]:
     import inspect
     import subprocess
 
-    from kvtier.codec import get_codec, quant
+    from kvtier.codec import get_codec, kivi
 
     root = _HERE.parent
 
@@ -765,7 +765,19 @@ def _source_state() -> dict[str, Any]:
     return {
         "commit": git("rev-parse", "HEAD"),
         "kvtier_dirty": None if status is None else bool(status),
-        "int4_group": getattr(quant, "INT4_GROUP", None),
+        "kivi_params": {
+            stage.name: {
+                "base_id": stage.ident,
+                "sinks": stage.sinks,
+                "k_group": stage.k_group,
+                "k_bits_max": stage.k_bits_max,
+                "k_bits_per_channel": stage.k_bit_budget(64) / 64,
+                "k_rms_power": stage.k_rms_power,
+                "v_bits": stage.v_bits,
+                "v_rotation": stage.v_rotation,
+            }
+            for stage in (kivi.Int8, kivi.Int4)
+        },
         "zstd_level_default": inspect.signature(get_codec).parameters["zstd_level"].default,
     }
 

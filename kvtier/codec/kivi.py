@@ -197,49 +197,59 @@ class _Kivi:
         k, v = x[:, 0], x[:, 1]  # [L, H, T, D]
 
         # sinks: the tokens whose keys lie farthest from the chunk's channel means, in channel std units
+        # (variance as E[k^2] - mean^2: one pass, and precise enough to rank tokens)
         sinks = min(self.sinks, tokens)
         mean = k.mean(2, keepdim=True)
-        std = k.std(2, keepdim=True, correction=0)
-        std = torch.where(std > 0, std, torch.inf)  # a constant channel makes no token unusual
+        mean_square = torch.linalg.vector_norm(k, dim=2, keepdim=True).square_().div_(tokens)  # [L, H, 1, D]
+        var = (mean_square - mean.square()).clamp_(min=0)
+        std = torch.where(var > 0, var.sqrt(), torch.inf)  # a constant channel makes no token unusual
         unusual = (k - mean).abs_().div_(std).amax(-1)  # [L, H, T]
         idx = unusual.topk(sinks, dim=-1).indices.sort(-1).values  # [L, H, S]
-        is_sink = torch.zeros(layers, heads, tokens, 1, dtype=torch.bool)
-        is_sink.scatter_(2, idx.unsqueeze(-1), True)
         section[0].view(torch.uint16).copy_(idx.reshape(-1))
         at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
-        section[1].view(torch.float16).copy_(k.gather(2, at).reshape(-1))
+        sink_k = k.gather(2, at)  # [L, H, S, D]
+        section[1].view(torch.float16).copy_(sink_k.reshape(-1))
         section[2].view(torch.float16).copy_(v.gather(2, at).reshape(-1))
+        # the channels' mean square over the other tokens: what weighs their bits
+        others = max(tokens - sinks, 1)
+        mean_square.mul_(tokens).sub_(sink_k.square().sum(2, keepdim=True)).div_(others).clamp_(min=0)
 
-        self._encode_keys(k, is_sink, section)
+        # keys with each sink replaced by an ordinary token of its group (the first of the group's first three
+        # tokens that is no sink): the groups' ranges then leave the sinks out
+        k_work = k if x is not payload else k.clone()
+        is_sink = torch.zeros(layers, heads, tokens, dtype=torch.bool).scatter_(2, idx, True)
+        first = idx // self.k_group * self.k_group  # [L, H, S]: start of each sink's group
+        last = torch.clamp(first + self.k_group, max=tokens) - 1
+        candidates = torch.minimum(first.unsqueeze(-1) + torch.arange(3), last.unsqueeze(-1))  # [L, H, S, 3]
+        taken = is_sink.gather(2, candidates.flatten(2)).view(candidates.shape)
+        pick = torch.argmin(taken.to(torch.uint8), dim=-1, keepdim=True)  # the first free one (0 if none)
+        stand_in = torch.where(taken.all(-1), idx, candidates.gather(-1, pick).squeeze(-1))  # all sinks: keep
+        k_work.scatter_(2, at, k.gather(2, stand_in.unsqueeze(-1).expand(-1, -1, -1, dim)))
+
+        self._encode_keys(k_work, mean_square.pow_(self.k_rms_power / 2), section)
         self._encode_values(v, section)
         return out
 
-    def _encode_keys(self, k: torch.Tensor, is_sink: torch.Tensor, section: list[torch.Tensor]) -> None:
+    def _encode_keys(self, k: torch.Tensor, importance: torch.Tensor, section: list[torch.Tensor]) -> None:
+        """Keys [L, H, T, D] (sinks already replaced) into sections 3, 4, 7, 9, 10; ``importance`` [L, H, 1, D]."""
         dim = k.shape[-1]
         steps = torch.arange(K_BITS_MIN, self.k_bits_max, dtype=torch.float64)  # a bit added at b bits
         gain = (1 / (2**steps - 1) ** 2 - 1 / (2 ** (steps + 1) - 1) ** 2).float()  # relative error^2 saved
         extra = self.k_bit_budget(dim) - K_BITS_MIN * dim  # bits handed out beyond the minimum, per row
-        normal = ~is_sink
-        count = normal.sum(2, keepdim=True).clamp_(min=1)
-        mean_square = (k.square() * normal).sum(2, keepdim=True).div_(count)  # [L, H, 1, D], sinks left out
-        importance = mean_square.pow_(self.k_rms_power / 2)
-        k_low = k.masked_fill(is_sink, torch.inf)  # sinks do not widen their groups
-        k_high = k.masked_fill(is_sink, -torch.inf)
+        code_dtype = torch.int16 if self.k_bits_max > 8 else torch.uint8
         mins, scales, bits, planes = [], [], [], []
-        for kg, lg, hg in zip(*(_groups(t, 2, self.k_group) for t in (k, k_low, k_high)), strict=True):
-            low, high = lg.amin(3), hg.amax(3)  # kg: [L, H, n, g, D] -> [L, H, n, D]
-            empty = low > high  # every token of the group is a sink
-            low = _half(torch.where(empty, 0.0, low), -torch.inf)
-            width = torch.where(empty, 0.0, high - low.float())
+        for kg in _groups(k, 2, self.k_group):  # [L, H, n, g, D]
+            low, high = torch.aminmax(kg, dim=3)  # [L, H, n, D]
+            low = _half(low, -torch.inf)
+            width = high - low.float()
             weight = (width.square() * importance).unsqueeze(-1) * gain  # [L, H, n, D, steps]
             chosen = weight.flatten(-2).topk(extra, dim=-1).indices
             picked = torch.zeros(weight.flatten(-2).shape, dtype=torch.uint8).scatter_(-1, chosen, 1)
             b = picked.view(weight.shape).sum(-1, dtype=torch.uint8).add_(K_BITS_MIN)  # [L, H, n, D]
-            levels = 2 ** b.float() - 1
-            scale = _rounded(width / levels, torch.bfloat16, torch.inf)
-            s = _nonzero(scale.float()).unsqueeze(3)
-            codes = (kg - low.float().unsqueeze(3)).div_(s).round_().clamp_(min=0)
-            codes = torch.minimum(codes, levels.unsqueeze(3))  # [L, H, n, g, D]
+            levels = (2 ** b.float() - 1).unsqueeze(3)
+            scale = _rounded(width / levels.squeeze(3), torch.bfloat16, torch.inf)
+            codes = (kg - low.float().unsqueeze(3)).div_(_nonzero(scale.float()).unsqueeze(3)).round_()
+            codes = torch.minimum(codes.clamp_(min=0), levels, out=codes).to(code_dtype)  # [L, H, n, g, D]
             mins.append(low)
             scales.append(scale)
             bits.append(b)
@@ -294,8 +304,8 @@ class _Kivi:
         for og in _groups(out[:, 0], 2, self.k_group):  # [L, H, n, g, D]
             n, g = og.shape[2], og.shape[3]
             plane_data = section[9] if g == self.k_group else section[10]
-            codes = _from_bit_planes(plane_data, bits.narrow(2, start, n), g, self.k_bits_max)  # [L, H, n, D, g]
-            torch.addcmul(k_min.narrow(2, start, n), codes.transpose(3, 4), k_scale.narrow(2, start, n), out=og)
+            codes = _from_bit_planes(plane_data, bits.narrow(2, start, n), g, self.k_bits_max)  # [L, H, n, g, D]
+            torch.addcmul(k_min.narrow(2, start, n), codes, k_scale.narrow(2, start, n), out=og)
             start += n
 
         v_groups = ceil(dim / V_GROUP)
@@ -306,14 +316,18 @@ class _Kivi:
         else:
             codes = _unpack_nibbles(section[8], layers * heads * tokens * dim).view(layers, heads, tokens, dim)
         h = hadamard_size(dim, self.v_rotation)
-        vr = out[:, 1] if h == 1 else torch.empty(layers, heads, tokens, dim, dtype=torch.float32)
+        exact = dtype == torch.float32 or h == 1  # else: rotate in float32, round once
+        vr = out[:, 1] if exact else torch.empty(layers, heads, tokens, dim, dtype=torch.float32)
         start = 0
         for cg, vg in zip(_groups(codes, 3, V_GROUP), _groups(vr, 3, V_GROUP), strict=True):
             n = cg.shape[3]
             torch.addcmul(v_min.narrow(3, start, n), cg, v_scale.narrow(3, start, n), out=vg)
             start += n
         if h > 1:
-            out[:, 1].copy_(rotate(vr, h))
+            step = max(1, (1 << 18) // (heads * tokens * dim))  # layers per block: a 1 MiB float32 temporary
+            for first in range(0, layers, step):
+                block = vr[first : first + step]  # [l, H, T, D], each layer's slab contiguous
+                out[first : first + step, 1].copy_(rotate(block, h))
 
         at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
         out[:, 0].scatter_(2, at, section[1].view(torch.float16).view(layers, heads, sinks, dim).to(dtype))
@@ -334,40 +348,78 @@ def _transpose8(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _bit_planes(codes: torch.Tensor, bits: torch.Tensor, max_bits: int) -> torch.Tensor:
-    """The bit planes of ``codes`` [L, H, n, g, D] (integers as float) that ``bits`` [L, H, n, D] keeps, flat uint8.
+def _byte_transpose8(w: torch.Tensor) -> torch.Tensor:
+    """Transpose the 8x8 byte matrix that each w[r, :, c] forms (word i = row i, byte j = column j), in place.
 
-    Order: (l, h, group, channel, plane j < bits); a plane is the g tokens' bit j, packed little-endian.
+    ``w`` is a contiguous int64 tensor [R, 8, C]. Three rounds swap 4x4, 2x2 and 1x1 blocks of bytes between
+    pairs of words (the arithmetic right shifts are harmless: each mask clears the bits they fill).
     """
-    g = codes.shape[3]
+    rows, _, cols = w.shape
+    for shift, mask in ((32, 0x00000000FFFFFFFF), (16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF)):
+        pairs = w.view(rows, 64 // (2 * shift), 2, shift // 8, cols)
+        lo, hi = pairs[:, :, 0], pairs[:, :, 1]  # words i and i + shift / 8
+        t = torch.bitwise_and((lo >> shift) ^ hi, mask)
+        hi ^= t
+        lo ^= t << shift
+    return w
+
+
+def _bit_planes(codes: torch.Tensor, bits: torch.Tensor, max_bits: int) -> torch.Tensor:
+    """The bit planes of ``codes`` [L, H, n, g, D] (uint8, int16 past 8 bits) that ``bits`` [L, H, n, D] keeps.
+
+    Flat uint8 in the order (l, h, group, channel, plane j < bits); a plane holds bit j of the g tokens' codes,
+    little-endian. Per 64 tokens: one word per 8 tokens (a byte each), an 8x8 bit transpose inside each word
+    (byte j: bit j of the 8 tokens), then an 8x8 byte transpose across the 8 words (word j: plane j).
+    """
+    layers, heads, n, g, dim = codes.shape
     octets = ceil(g / 8)
-    rows = codes.transpose(3, 4).reshape(-1, g)  # [R, g], one row per (l, h, group, channel)
-    wide = rows.to(torch.int16 if max_bits > 8 else torch.uint8)
+    words = ceil(octets / 8)  # 64-bit words per plane
+    rows = layers * heads * n * dim
+    per_channel = codes.transpose(3, 4)  # [L, H, n, D, g]
     planes = []
-    for k in range(ceil(max_bits / 8)):  # 8 planes per byte of the code
-        byte = torch.zeros(rows.shape[0], 8 * octets, dtype=torch.uint8)
-        byte[:, :g] = (wide >> (8 * k)) & 0xFF if k else wide
-        t = _transpose8(byte.view(torch.int64))  # [R, octets]: byte p of each word = plane p of 8 tokens
-        planes.append(t.view(torch.uint8).view(-1, octets, 8).transpose(1, 2))  # [R, 8, octets]
-    planes = torch.cat(planes, 1)[:, :max_bits]  # [R, max_bits, octets]
-    keep = torch.arange(max_bits) < bits.reshape(-1, 1)  # [R, max_bits]
-    return planes[keep].reshape(-1)
+    for k in range(ceil(max_bits / 8)):
+        byte = torch.zeros(layers, heads, n, dim, 64 * words, dtype=torch.uint8)
+        byte[..., :g] = per_channel if codes.dtype == torch.uint8 else (per_channel >> (8 * k)) & 0xFF
+        w = _transpose8(byte.view(torch.int64).view(rows, words, 8))  # word (w, o): tokens 64 w + 8 o ...
+        w = w.transpose(1, 2).contiguous() if words > 1 else w.view(rows, 8, 1)
+        planes.append(_byte_transpose8(w))  # [R, 8, words]: word (j, w) = plane 8 k + j of tokens 64 w ...
+    planes = torch.cat(planes, 1) if len(planes) > 1 else planes[0]
+    keep = torch.arange(planes.shape[1]) < bits.reshape(-1, 1)  # [R, 8 or 16]
+    return planes[keep].view(torch.uint8).view(-1, 8 * words)[:, :octets].reshape(-1)
 
 
 def _from_bit_planes(data: torch.Tensor, bits: torch.Tensor, g: int, max_bits: int) -> torch.Tensor:
-    """Codes [L, H, n, D, g] (uint8, or int16 past 8 bits) from the planes :func:`_bit_planes` wrote."""
+    """Codes [L, H, n, g, D] (uint8, or int16 past 8 bits) from the planes :func:`_bit_planes` wrote for ``bits``."""
     octets = ceil(g / 8)
-    byte_planes = 8 * ceil(max_bits / 8)
-    keep = torch.arange(byte_planes) < bits.reshape(-1, 1)  # [R, 8 or 16]
-    planes = torch.zeros(*keep.shape, octets, dtype=torch.uint8)
-    planes[keep] = data.view(-1, octets)
-    codes = None
-    for k in range(byte_planes // 8):
-        words = torch.empty(planes.shape[0], octets, 8, dtype=torch.uint8)
-        words.copy_(planes[:, 8 * k : 8 * k + 8].transpose(1, 2))  # [R, octets, 8 planes]
-        byte = _transpose8(words.view(torch.int64)).view(torch.uint8).view(-1, 8 * octets)  # code byte k per token
-        codes = byte if k == 0 else codes.to(torch.int16) | (byte.to(torch.int16) << 8)
-    return codes[:, :g].view(*bits.shape, g)
+    words = ceil(octets / 8)  # 64-bit words per plane
+    rows = data.view(-1, octets)
+    if octets != 8 * words:  # a tail group: pad each plane to whole words
+        rows = torch.nn.functional.pad(rows, (0, 8 * words - octets))
+    planes = torch.cat([rows, rows.new_zeros(1, 8 * words)]).view(torch.int64)  # new, aligned; a last zero plane
+    count = bits.reshape(-1).to(torch.int64)
+    start = count.cumsum(0) - count  # each row's first plane
+    codes = _plane_bytes(planes, start, count.clamp(max=8))  # [R, 64 * words]: bits 0..7 of each token's code
+    if max_bits > 8:
+        codes = codes.to(torch.int16)
+        high = (count > 8).nonzero().squeeze(1)
+        if high.numel():
+            codes[high] |= _plane_bytes(planes, start[high] + 8, count[high] - 8).to(torch.int16) << 8
+    layers, heads, n, dim = bits.shape
+    return codes[:, :g].view(layers, heads, n, dim, g).transpose(3, 4)
+
+
+def _plane_bytes(planes: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``count`` (<= 8) planes from ``planes[start]`` on as one byte per token [R, 64 * words].
+
+    The planes are gathered as 64-bit words (64 tokens each; the last row of ``planes`` is zero and stands in
+    for planes a row lacks); then an 8x8 byte transpose across each row's 8 words and an 8x8 bit transpose
+    inside each word leave byte t of word o holding bits 0..7 (planes) of token 8 * o + t.
+    """
+    j = torch.arange(8)
+    w = planes[torch.where(j < count.unsqueeze(1), start.unsqueeze(1) + j, planes.shape[0] - 1)]  # [R, 8, words]
+    rows, _, words = w.shape
+    _transpose8(_byte_transpose8(w))  # byte t of word (o, w): bits 0..7 of token 64 * w + 8 * o + t
+    return (w if words == 1 else w.transpose(1, 2).contiguous()).view(torch.uint8).view(rows, 64 * words)
 
 
 class Int8(_Kivi):
