@@ -110,7 +110,7 @@ def rotate(x: torch.Tensor, h: int) -> torch.Tensor:
     """``x`` [..., D] times the block-diagonal Hadamard matrix with blocks of ``h`` (D % h == 0); new memory."""
     if h == 1:
         return x.clone()
-    return torch.matmul(x.unflatten(-1, (x.shape[-1] // h, h)), _hadamard(h)).flatten(-2)
+    return torch.mm(x.reshape(-1, h), _hadamard(h)).view(x.shape)  # one GEMM (a batched matmul is slower)
 
 
 def _pack_nibbles(codes: torch.Tensor, out: torch.Tensor) -> None:
@@ -304,8 +304,15 @@ class _Kivi:
         for og in _groups(out[:, 0], 2, self.k_group):  # [L, H, n, g, D]
             n, g = og.shape[2], og.shape[3]
             plane_data = section[9] if g == self.k_group else section[10]
-            codes = _from_bit_planes(plane_data, bits.narrow(2, start, n), g, self.k_bits_max)  # [L, H, n, g, D]
-            torch.addcmul(k_min.narrow(2, start, n), codes, k_scale.narrow(2, start, n), out=og)
+            low, high_rows, high = _from_bit_planes(plane_data, bits.narrow(2, start, n), g, self.k_bits_max)
+            scale = k_scale.narrow(2, start, n)
+            torch.addcmul(k_min.narrow(2, start, n), low, scale, out=og)  # low: [L, H, n, g, D]
+            if high is not None:  # codes past 8 bits: redo those (group, channel) rows with the high byte
+                lhn, d = high_rows // dim, high_rows % dim
+                la, he, gr = lhn // (heads * n), lhn // n % heads, lhn % n
+                code = low[la, he, gr, :, d].float().add_(high.float(), alpha=256)  # [rows, g]
+                low_ = k_min.narrow(2, start, n)[la, he, gr, 0, d].unsqueeze(1)
+                og[la, he, gr, :, d] = torch.addcmul(low_, code, scale[la, he, gr, 0, d].unsqueeze(1)).to(dtype)
             start += n
 
         v_groups = ceil(dim / V_GROUP)
@@ -316,23 +323,37 @@ class _Kivi:
         else:
             codes = _unpack_nibbles(section[8], layers * heads * tokens * dim).view(layers, heads, tokens, dim)
         h = hadamard_size(dim, self.v_rotation)
-        exact = dtype == torch.float32 or h == 1  # else: rotate in float32, round once
-        vr = out[:, 1] if exact else torch.empty(layers, heads, tokens, dim, dtype=torch.float32)
-        start = 0
-        for cg, vg in zip(_groups(codes, 3, V_GROUP), _groups(vr, 3, V_GROUP), strict=True):
-            n = cg.shape[3]
-            torch.addcmul(v_min.narrow(3, start, n), cg, v_scale.narrow(3, start, n), out=vg)
-            start += n
-        if h > 1:
-            step = max(1, (1 << 18) // (heads * tokens * dim))  # layers per block: a 1 MiB float32 temporary
+        if h == 1:
+            self._dequantize_values(codes, v_min, v_scale, out[:, 1])
+        else:  # by blocks of layers: dequantize into a small float32 buffer, rotate it into ``out``
+            step = max(1, (1 << 18) // (heads * tokens * dim))  # a 1 MiB buffer: stays in cache
+            buf = torch.empty(min(step, layers), heads, tokens, dim, dtype=torch.float32)
             for first in range(0, layers, step):
-                block = vr[first : first + step]  # [l, H, T, D], each layer's slab contiguous
-                out[first : first + step, 1].copy_(rotate(block, h))
+                vr = buf[: min(step, layers - first)]
+                part = slice(first, first + vr.shape[0])
+                self._dequantize_values(codes[part], v_min[part], v_scale[part], vr)
+                rotated = vr.view(-1, h)
+                for i, layer in enumerate(range(first, first + vr.shape[0])):
+                    target = out[layer, 1].view(-1, h)  # one layer's values: contiguous
+                    rows = slice(i * target.shape[0], (i + 1) * target.shape[0])
+                    if dtype == torch.float32:
+                        torch.mm(rotated[rows], _hadamard(h), out=target)
+                    else:  # rotate in float32, round once
+                        target.copy_(torch.mm(rotated[rows], _hadamard(h)))
 
         at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
         out[:, 0].scatter_(2, at, section[1].view(torch.float16).view(layers, heads, sinks, dim).to(dtype))
         out[:, 1].scatter_(2, at, section[2].view(torch.float16).view(layers, heads, sinks, dim).to(dtype))
         return out
+
+    @staticmethod
+    def _dequantize_values(codes: torch.Tensor, v_min: torch.Tensor, v_scale: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` [l, H, T, D] = min + codes * scale, with (min, scale) [l, H, T, Gv, 1] per group of 64 channels."""
+        start = 0
+        for cg, vg in zip(_groups(codes, 3, V_GROUP), _groups(out, 3, V_GROUP), strict=True):
+            n = cg.shape[3]
+            torch.addcmul(v_min.narrow(3, start, n), cg, v_scale.narrow(3, start, n), out=vg)
+            start += n
 
 
 def _transpose8(x: torch.Tensor) -> torch.Tensor:
@@ -388,8 +409,14 @@ def _bit_planes(codes: torch.Tensor, bits: torch.Tensor, max_bits: int) -> torch
     return planes[keep].view(torch.uint8).view(-1, 8 * words)[:, :octets].reshape(-1)
 
 
-def _from_bit_planes(data: torch.Tensor, bits: torch.Tensor, g: int, max_bits: int) -> torch.Tensor:
-    """Codes [L, H, n, g, D] (uint8, or int16 past 8 bits) from the planes :func:`_bit_planes` wrote for ``bits``."""
+def _from_bit_planes(
+    data: torch.Tensor, bits: torch.Tensor, g: int, max_bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The codes the planes :func:`_bit_planes` wrote for ``bits`` [L, H, n, D] encode.
+
+    Returns their low bytes [L, H, n, g, D] (uint8, a view), the rows (flat (l, h, group, channel) indices)
+    whose codes have more than 8 bits, and those rows' high bytes [rows, g] (None if there are none).
+    """
     octets = ceil(g / 8)
     words = ceil(octets / 8)  # 64-bit words per plane
     rows = data.view(-1, octets)
@@ -399,13 +426,10 @@ def _from_bit_planes(data: torch.Tensor, bits: torch.Tensor, g: int, max_bits: i
     count = bits.reshape(-1).to(torch.int64)
     start = count.cumsum(0) - count  # each row's first plane
     codes = _plane_bytes(planes, start, count.clamp(max=8))  # [R, 64 * words]: bits 0..7 of each token's code
-    if max_bits > 8:
-        codes = codes.to(torch.int16)
-        high = (count > 8).nonzero().squeeze(1)
-        if high.numel():
-            codes[high] |= _plane_bytes(planes, start[high] + 8, count[high] - 8).to(torch.int16) << 8
     layers, heads, n, dim = bits.shape
-    return codes[:, :g].view(layers, heads, n, dim, g).transpose(3, 4)
+    low = codes[:, :g].view(layers, heads, n, dim, g).transpose(3, 4)
+    high = (count > 8).nonzero().squeeze(1) if max_bits > 8 else count[:0]
+    return low, high, (_plane_bytes(planes, start[high] + 8, count[high] - 8)[:, :g] if high.numel() else None)
 
 
 def _plane_bytes(planes: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
