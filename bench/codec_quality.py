@@ -765,18 +765,22 @@ def _source_state() -> dict[str, Any]:
     return {
         "commit": git("rev-parse", "HEAD"),
         "kvtier_dirty": None if status is None else bool(status),
-        "kivi_params": {
-            stage.name: {
-                "base_id": stage.ident,
-                "sinks": stage.sinks,
-                "k_group": stage.k_group,
-                "k_bits_max": stage.k_bits_max,
-                "k_bits_per_channel": stage.k_bit_budget(64) / 64,
-                "k_rms_power": stage.k_rms_power,
-                "v_bits": stage.v_bits,
-                "v_rotation": stage.v_rotation,
-            }
-            for stage in (kivi.Int8, kivi.Int4)
+        "int8_params": {
+            "base_id": kivi.Int8.ident,
+            "sinks": kivi.Int8.sinks,
+            "k_group": kivi.Int8.k_group,
+            "k_bits": 8,
+            "v_bits": 8,
+        },
+        "int4_params": {
+            "base_id": kivi.Int4.ident,
+            "sinks": kivi.Int4.sinks,
+            "k_group": kivi.Int4.k_group,
+            "k_bits_max": kivi.Int4.k_bits_max,
+            "k_bits_per_channel": kivi.Int4.k_bit_budget(64) / 64,
+            "k_rms_power": kivi.Int4.k_rms_power,
+            "v_bits": kivi.Int4.v_bits,
+            "v_rotation": kivi.Int4.v_rotation,
         },
         "zstd_level_default": inspect.signature(get_codec).parameters["zstd_level"].default,
     }

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from kvtier.codec import CODECS, LOSSLESS_STAGES, Codec, CodecError, get_codec
 from kvtier.codec.frame import FramedCodec
+from kvtier.codec.kivi import Int8V2
 from kvtier.codec.lossless import shuffle, unshuffle
 from kvtier.codec.quant import Int4V1, Int8V1
 
@@ -43,10 +44,11 @@ EPS32 = 2.0**-24  # float32 unit roundoff
 G = 64  # int4 v1 group size
 
 
-# int8 / int4 parameters as docs/codecs.md and kvtier.codec.kivi's docstring state them
+# the layouts with per-channel key bit widths (int4, and int8's second layout, id 7), as docs/codecs.md and
+# kvtier.codec.kivi's docstring state them; int8 (id 9) has one byte per code, see _int8_bound
 KIVI = {
     # k_group, k bits max, key bit budget per token row (of D channels), v_bits, Hadamard block limit
-    "int8": {"k_group": 256, "k_max": 12, "budget": lambda d: 495 * d // 64, "v_bits": 8, "rot": 1},
+    "int8v2": {"k_group": 256, "k_max": 12, "budget": lambda d: 495 * d // 64, "v_bits": 8, "rot": 1},
     "int4": {"k_group": 64, "k_max": 8, "budget": lambda d: 17 * d // 4, "v_bits": 4, "rot": 16},
 }
 SINKS = 2
@@ -137,14 +139,26 @@ def kivi_layout(base: str, shape: tuple[int, ...]) -> dict[str, tuple[int, int]]
     return out
 
 
+def stage(base: str) -> Codec:
+    """The codec writing ``base``: a current one, or the second int8 layout (id 7, no longer written)."""
+    return FramedCodec(Int8V2()) if base == "int8v2" else get_codec(base)
+
+
+def sink_indices(base: str, x: torch.Tensor) -> torch.Tensor:
+    """The sink token indices [L, H, S] that int8/int4 ``base`` recorded for ``x`` (their first section)."""
+    layers, _, heads, tokens, _ = x.shape
+    body = np.frombuffer(stage(base).encode(x), dtype=np.uint8)[HEADER:]
+    n = 2 * layers * heads * min(SINKS, tokens)
+    return torch.from_numpy(body[:n].view("<u2").astype(np.int64)).view(layers, heads, -1)
+
+
 def kivi_choices(base: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The sink token indices [L, H, S] and key bit widths [L, H, Gk, D] that ``base`` recorded for ``x``."""
     layers, _, heads, tokens, dim = x.shape
-    body = np.frombuffer(get_codec(base).encode(x), dtype=np.uint8)[HEADER:]
+    body = np.frombuffer(stage(base).encode(x), dtype=np.uint8)[HEADER:]
     lay = kivi_layout(base, tuple(x.shape))
     assert sum(lay["k_planes"]) == len(body), "documented layout does not add up to the encoded size"
-    at, n = lay["sink_idx"]
-    sinks = torch.from_numpy(body[at : at + n].view("<u2").astype(np.int64)).view(layers, heads, -1)
+    sinks = sink_indices(base, x)
     at, n = lay["k_bits"]
     packed = body[at : at + n]
     nibbles = np.stack([packed & 15, packed >> 4], axis=1).reshape(-1)
@@ -205,6 +219,37 @@ def _kivi_bound(base: str, x: torch.Tensor) -> torch.Tensor:
     return torch.where(is_sink.unsqueeze(1), fp16, bound)
 
 
+def _int8_bound(x: torch.Tensor) -> torch.Tensor:
+    """int8 (id 9): sinks exact to fp16; keys per (256-token group, channel) of non-sink tokens, min rounded down
+    to float16, scale = width / 255 rounded up to bfloat16; values per token, scale = absmax / 127 (bfloat16 up)."""
+    layers, _, heads, tokens, dim = x.shape
+    sinks = sink_indices("int8", x)
+    assert bool((sinks.diff(dim=-1) > 0).all()) and bool((sinks < tokens).all()), "sink indices not ascending"
+    body = stage("int8").encode(x)
+    lh, s, gk = layers * heads, min(SINKS, tokens), ceil(tokens / 256)
+    assert len(body) == HEADER + lh * (2 * s + 4 * s * dim + 4 * gk * dim + 2 * tokens + 2 * tokens * dim)
+    is_sink = torch.zeros(layers, heads, tokens, 1, dtype=torch.bool).scatter_(2, sinks.unsqueeze(-1), True)
+    bound = torch.empty_like(x)
+    k, kb = x[:, 0], bound[:, 0]
+    for start in range(0, tokens, 256):
+        n = min(256, tokens - start)
+        xg, sg = k.narrow(2, start, n), is_sink.narrow(2, start, n)
+        low = xg.masked_fill(sg, torch.inf).amin(2, keepdim=True)
+        high = xg.masked_fill(sg, -torch.inf).amax(2, keepdim=True)
+        empty = low > high  # only sinks: their own range
+        low = torch.where(empty, xg.amin(2, keepdim=True), low)
+        high = torch.where(empty, xg.amax(2, keepdim=True), high)
+        widened = high - low + torch.clamp(low.abs() * 2.0**-10, min=2.0**-24)
+        scale = widened / 255 * (1 + 2.0**-7) + 2.0**-133
+        kb.narrow(2, start, n).copy_((scale / 2).expand_as(xg))
+    kb += 8 * EPS32 * (k.abs() + kb * 256)
+    v = x[:, 1]
+    scale = v.abs().amax(3, keepdim=True) / 127 * (1 + 2.0**-7) + 2.0**-133
+    bound[:, 1] = (scale / 2).expand_as(v) + 4 * EPS32 * v.abs()
+    fp16 = torch.clamp(x.abs() * 2.0**-11, min=2.0**-25)
+    return torch.where(is_sink.unsqueeze(1), fp16, bound)
+
+
 def error_bound(spec: str, x: torch.Tensor) -> torch.Tensor:
     """Largest |decode(encode(x)) - x| allowed per element, for float32 ``x``, from the formats alone."""
     base = spec.split("+")[0]
@@ -225,6 +270,8 @@ def error_bound(spec: str, x: torch.Tensor) -> torch.Tensor:
         return torch.maximum(a * 2.0**-4, scale * 2.0**-10) + 4 * EPS32 * a
     if base == "int4v1":
         return _int4_v1_group_bound(x)
+    if base == "int8":
+        return _int8_bound(x)
     assert base in KIVI
     return _kivi_bound(base, x)
 
@@ -317,19 +364,15 @@ def test_zero_rows_decode_to_exact_zeros() -> None:
 
 
 def test_int8_exact_on_grid() -> None:
-    # one key channel (D=1: its group gets the whole 7-bit budget) holding -1 + q / 64 for q = 0..127 (scale 1/64,
-    # min -1: exact in bfloat16 and float16) in 126 tokens, plus two far-off tokens that become the sinks
-    # (float16-exact); values zero
-    grid = torch.cat([torch.tensor([0.0, 127.0]), torch.linspace(1, 126, 124).round()])
-    x = torch.zeros(1, 2, 1, 128, 1)
-    x[0, 0, 0, :, 0] = torch.cat([grid[:60] / 64 - 1, torch.tensor([100.0, -100.0]), grid[60:] / 64 - 1])
+    # one key channel holding -1 + q / 128 for q = 0..255 (scale 2^-7, min -1: exact in bfloat16 and float16)
+    # in 126 tokens, plus two far-off tokens that become the sinks (float16-exact); one value token of
+    # q / 64 for q = -127..127 (scale 1/64, exact in bfloat16)
+    grid = torch.cat([torch.tensor([0.0, 255.0]), torch.linspace(1, 254, 124).round()])
+    x = torch.zeros(1, 2, 1, 128, 255)
+    x[0, 0, 0, :, 0] = torch.cat([grid[:60] / 128 - 1, torch.tensor([100.0, -100.0]), grid[60:] / 128 - 1])
+    x[0, 1, 0, 7] = torch.arange(-127, 128) / 64
     _, y = roundtrip("int8", x)
     assert torch.equal(y, x)
-    v = torch.zeros(1, 2, 1, 4, 256)  # D = 256: no rotation (int8), 4 value groups of 64 per token
-    v[0, 1, 0, 2] = torch.arange(256) % 64 / 8 - 2  # each group: -2 .. 5.875 in steps of 1/8
-    v[0, 1, 0, 2, 0::64] = -2 - 191 / 8  # and -25.875: 255 steps of 1/8 below 5.875
-    _, y = roundtrip("int8", v)
-    assert torch.equal(y[:, 1], v[:, 1])
 
 
 def test_int4_exact_on_grid() -> None:
@@ -350,7 +393,7 @@ def test_int4_group_min_is_rounded_down_to_float16() -> None:
     x[0, 1, 0, 4] = -1000.3 - torch.linspace(0, 0.5, 32)
     for spec in ("int4", "int8"):
         _, y = roundtrip(spec, x)
-        sinks, _ = kivi_choices(spec, x)
+        sinks = sink_indices(spec, x)
         keys = torch.ones(32, dtype=torch.bool)
         keys[sinks.flatten()] = False  # sinks are float16 copies: 1000.3 -> 1000.5
         assert (y - x)[0, 0, 0, keys, 0].abs().max() < 0.05, spec
@@ -362,10 +405,10 @@ def test_sinks_are_kept_in_float16() -> None:
     x = structured((2, 2, 3, 100, 32), seed=21)
     x[:, 0, :, 37] = 30.0  # an attention-sink-like key, far from every channel's mean
     x[:, 1, :, 37] = torch.linspace(-3, 3, 32)
-    for base in ("int8", "int4"):
-        sinks, _ = kivi_choices(base, x)
+    for base in ("int8", "int4", "int8v2"):
+        sinks = sink_indices(base, x)
         assert bool((sinks == 37).any(-1).all()), base
-        _, y = roundtrip(base, x)
+        _, y = roundtrip_with(stage(base), x)
         idx = sinks.unsqueeze(-1).expand(-1, -1, -1, 32)
         for part in (0, 1):
             want = x[:, part].gather(2, idx).half().float()
@@ -391,7 +434,7 @@ def test_key_bits_follow_channel_width() -> None:
     """The bit budget goes to wide key channels: a channel 16x wider gets about 4 more bits (a similar step)."""
     x = normal((1, 2, 1, 128, 16), seed=23)
     x[:, 0, :, :, 3] *= 16.0
-    for base in ("int8", "int4"):
+    for base in ("int8v2", "int4"):
         _, bits = kivi_choices(base, x)
         others = torch.cat([bits[..., :3], bits[..., 4:]], -1)
         assert bool((bits[..., 3] >= others.max(-1).values + 3).all()), (base, bits)
@@ -445,7 +488,8 @@ def test_sizes_at_reference_shape() -> None:
         "fp8": n + 4 * layers * heads * (dim + tokens),  # float32 scales: keys per channel, values per token
         # per (layer, head): 2 sinks (u16 index, fp16 key and value) 516, key (min, scale) per group and channel,
         # value (min, scale) per token, key bit widths as nibbles, value codes, key bit planes (budget x tokens)
-        "int8": layers * heads * (516 + 1 * dim * 4 + tokens * 4 + 1 * dim // 2 + tokens * dim + 495 * tokens // 8),
+        # int8: sinks, key (min, scale) per channel (one 256-token group), value scale per token, codes
+        "int8": layers * heads * (516 + 1 * dim * 4 + tokens * 2 + 2 * tokens * dim),
         "int4": layers
         * heads
         * (516 + 4 * dim * 4 + tokens * 4 + 4 * dim // 2 + tokens * dim // 2 + 272 * tokens // 8),
@@ -460,8 +504,8 @@ def test_sizes_at_reference_shape() -> None:
     assert ratio["bf16"] == pytest.approx(0.5, abs=1e-5)
     assert ratio["int8"] == pytest.approx(0.2598, abs=1e-4) and ratio["fp8"] <= 0.26
     assert ratio["int4"] == pytest.approx(0.1494, abs=1e-4)
-    for old, frame in (("int8", FramedCodec(Int8V1())), ("int4", FramedCodec(Int4V1()))):
-        assert len(frame.encode(x)) / raw_bytes <= {"int8": 0.26, "int4": 0.1407}[old]
+    for frame, most in ((FramedCodec(Int8V1()), 0.26), (FramedCodec(Int8V2()), 0.26), (FramedCodec(Int4V1()), 0.1407)):
+        assert len(frame.encode(x)) / raw_bytes <= most
 
 
 @pytest.mark.skipif("zstd" not in STAGES, reason="zstandard not installed")
@@ -710,7 +754,7 @@ def test_zstd_level_is_validated() -> None:
 # ---------------------------------------------------------------- format versions: old layouts, unknown ids
 
 
-LEGACY = {"int8": (Int8V1, "int8v1"), "int4": (Int4V1, "int4v1")}
+LEGACY = [("int8", Int8V1, "int8v1"), ("int8", Int8V2, "int8v2"), ("int4", Int4V1, "int4v1")]
 
 
 def _with_base_id(data: bytes, base_id: int) -> bytes:
@@ -720,13 +764,14 @@ def _with_base_id(data: bytes, base_id: int) -> bytes:
     return bytes(head) + struct.pack("<I", zlib.crc32(head)) + data[HEADER:]
 
 
-@pytest.mark.parametrize("spec", [s for s in SPECS if s.split("+")[0] in LEGACY])
+@pytest.mark.parametrize(
+    ("spec", "stage_cls", "bound_name"),
+    [(b + s, cls, name) for b, cls, name in LEGACY for s in ("", *(f"+{t}" for t in STAGES))],
+)
 @pytest.mark.parametrize("make", [normal, outlier_channels, structured])
-def test_first_layouts_still_decode(spec: str, make) -> None:
-    """Data written by the first int8/int4 layouts (base ids 4, 6) decodes with today's codec of the same name."""
-    base, _, stage = spec.partition("+")
-    stage_cls, bound_name = LEGACY[base]
-    lossless = get_codec(spec)._lossless if stage else None
+def test_earlier_layouts_still_decode(spec: str, stage_cls, bound_name: str, make) -> None:
+    """Data written by earlier int8/int4 layouts (base ids 4, 7; 6) decodes with today's codec of the same name."""
+    lossless = get_codec(spec)._lossless if "+" in spec else None
     old = FramedCodec(stage_cls(), lossless)
     assert old.name == spec
     x = make((2, 2, 3, 70, 40), seed=25)
@@ -742,27 +787,31 @@ def test_first_layouts_still_decode(spec: str, make) -> None:
 def test_unknown_or_foreign_base_id_is_a_clean_error() -> None:
     x = normal(SMALL, seed=26)
     int8 = get_codec("int8").encode(x)
-    for base_id in (0, 9, 99, 255, 6):  # unassigned ids, and the first int4 layout's
+    for base_id in (0, 10, 99, 255, 6, 8):  # unassigned ids, and int4's (old and current)
         with pytest.raises(CodecError, match="not written by codec"):
             get_codec("int8").decode(_with_base_id(int8, base_id), SMALL, torch.float32)
     int4 = get_codec("int4").encode(x)
-    for base_id in (4, 7):  # int8's ids (old and current) under int4
+    for base_id in (4, 7, 9):  # int8's ids (old and current) under int4
         with pytest.raises(CodecError, match="not written by codec"):
             get_codec("int4").decode(_with_base_id(int4, base_id), SMALL, torch.float32)
     # an old id on a body of the new layout: the old layout's length check refuses it (no garbage)
-    with pytest.raises(CodecError):
-        get_codec("int8").decode(_with_base_id(int8, Int8V1.ident), SMALL, torch.float32)
+    for old in (Int8V1.ident, Int8V2.ident):
+        with pytest.raises(CodecError):
+            get_codec("int8").decode(_with_base_id(int8, old), SMALL, torch.float32)
 
 
-@pytest.mark.parametrize("base", ["int8", "int4"])
+@pytest.mark.parametrize("base", ["int8", "int4", "int8v2"])
 def test_damaged_kivi_choices_are_clean_errors(base: str) -> None:
     """Sink indices past T or bit widths that break the budget raise CodecError, not garbage or IndexError."""
     x = normal(SMALL, seed=27)
-    data = get_codec(base).encode(x)
-    lay = kivi_layout(base, SMALL)
+    data = stage(base).encode(x)
     bad_sink = bytearray(data)
-    at = HEADER + lay["sink_idx"][0]
-    bad_sink[at : at + 2] = struct.pack("<H", SMALL[3])
+    bad_sink[HEADER : HEADER + 2] = struct.pack("<H", SMALL[3])  # the first sink index: section 0
+    with pytest.raises(CodecError, match="int"):
+        stage(base).decode(bad_sink, SMALL, torch.float32)
+    if base == "int8":
+        return  # no bit widths
+    lay = kivi_layout(base, SMALL)
     off_by_one = bytearray(data)
     off_by_one[HEADER + lay["k_bits"][0]] ^= 0x01  # one width off by one: the budget no longer adds up
     zero = bytearray(data)
@@ -771,6 +820,6 @@ def test_damaged_kivi_choices_are_clean_errors(base: str) -> None:
     at = HEADER + lay["k_bits"][0]
     a, b = data[at] & 15, data[at] >> 4
     below_min[at] = 1 | (a + b - 1) << 4  # widths 1 and a + b - 1: the same sum, one below the minimum
-    for damaged in (bad_sink, off_by_one, zero, below_min):
-        with pytest.raises(CodecError, match=base):
-            get_codec(base).decode(damaged, SMALL, torch.float32)
+    for damaged in (off_by_one, zero, below_min):
+        with pytest.raises(CodecError, match="bit widths"):
+            stage(base).decode(damaged, SMALL, torch.float32)

@@ -11,7 +11,7 @@ import torch
 from kvtier.chunk import Chunk, decode, decode_header, encode
 from kvtier.codec import get_codec
 from kvtier.codec.frame import FramedCodec
-from kvtier.codec.kivi import Int8
+from kvtier.codec.kivi import Int8, Int8V2
 from kvtier.codec.quant import Int8V1
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
@@ -121,15 +121,16 @@ def _rewrite_chunk_files(root: Path, codec) -> int:
     return len(files)
 
 
-def test_chunks_of_the_first_int8_layout_still_hit(tmp_path: Path, big_ns: Namespace) -> None:
-    """Chunk files written by the first int8 layout (before this version) decode: a hit, not a miss."""
+@pytest.mark.parametrize("old_stage", [Int8V1, Int8V2])
+def test_chunks_of_earlier_int8_layouts_still_hit(tmp_path: Path, big_ns: Namespace, old_stage) -> None:
+    """Chunk files written by earlier int8 layouts (base ids 4 and 7) decode: a hit, not a miss."""
     tokens = np.arange(64)
     kv = torch.randn(big_ns.layout.chunk_shape(64))
     with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as writer:
         writer.store(tokens, kv)
-    old = FramedCodec(Int8V1())
+    old = FramedCodec(old_stage())
     assert old.name == "int8" and _rewrite_chunk_files(tmp_path, old) == 4
-    # what each rewritten file holds, decoded by the first layout's own code, in token order
+    # what each rewritten file holds, decoded by the old layout's own code, in token order
     chunks = sorted((decode(bytearray(p.read_bytes())) for p in tmp_path.rglob("*.kvc")), key=lambda c: c.tokens[0])
     assert all(c.codec == "int8" for c in chunks)
     want = torch.cat([c.payload for c in chunks], dim=3)

@@ -5,8 +5,8 @@ An encoded payload is a 64-byte little-endian header followed by the body::
     offset size field
          0    4 magic b"KVCD"
          4    1 format version (1)
-         5    1 base stage id        (raw 1, fp16 2, bf16 3, fp8 5, int8 7, int4 8;
-                                     4 and 6 are the first int8 and int4 layouts, still decoded)
+         5    1 base stage id        (raw 1, fp16 2, bf16 3, fp8 5, int4 8, int8 9;
+                                     4, 7 are earlier int8 layouts and 6 int4's, still decoded)
          6    1 lossless stage id    (none 0, zstd 1, lz4 2)
          7    1 shuffle element size (1: bytes not shuffled)
          8    1 payload dtype        (float32 1, float16 2, bfloat16 3)

@@ -1,4 +1,4 @@
-"""``int8`` (base id 7) and ``int4`` (base id 8): KIVI-style keys per channel and values per token, plus three fixes.
+"""``int4`` (base id 8) and ``int8`` (base id 9): KIVI-style keys per channel and values per token, plus fixes.
 
 KIVI quantizes keys per channel (keys have outlier channels) and values per
 token. Done plainly (uniform codes, one (scale, min) per group) that left
@@ -6,56 +6,68 @@ SmolLM2-135M's top-1 token agreeing with the raw model at 98.6% (int8) and
 95.5% (int4) of positions. Three measured causes, and what these stages do
 about each (numbers in docs/codecs.md):
 
-1. **Attention sinks.** A few tokens per head (the first of a sequence, mostly)
-   draw much of the attention and have keys unlike every other token: one of
-   them stretches its key groups' range, and its own key and value errors are
-   weighted by its large attention. Per (layer, head) the ``sinks = 2``
-   tokens whose keys lie farthest from the chunk's per-channel mean (in
+1. **Attention sinks** (int4 and int8). A few tokens per head (the first of a
+   sequence, mostly) draw much of the attention and have keys unlike every
+   other token: one of them stretches its key groups' range, and its own key
+   and value errors are weighted by its large attention. Per (layer, head) the
+   2 tokens whose keys lie farthest from the chunk's per-channel mean (in
    channel standard deviations, max over channels) are stored as float16 keys
    and values, left out of the key groups' ranges, and put back on decode.
    The chunk needs no idea of its position: a chunk without a sink spends
    them on its two most unusual tokens.
-2. **Key channels differ by orders of magnitude in range.** A fixed width
-   wastes bits on narrow channels and starves wide ones. Keys are quantized
-   per channel in groups of ``k_group`` tokens, each (group, channel) with its
-   own (min, scale) and its own width ``b`` in ``[2, k_bits_max]`` bits, chosen
-   per (layer, head, group) to minimize ``sum(w_c * err_c^2)`` under a fixed
-   total of ``k_bit_budget(D)`` bits per token row: greedily, each next bit
-   goes to the channel whose weighted squared error it reduces most, ``w_c *
-   width^2 * (1/(2^b-1)^2 - 1/(2^(b+1)-1)^2)``. The weight ``w_c = rms_c ^
-   k_rms_power`` (the channel's rms over the chunk's non-sink tokens) stands in
-   for the size of the query the channel meets; plain MSE (power 0) measured
-   clearly worse, powers 1 and 2 within noise of each other (the best measured
-   is used). The total is fixed, so the byte size depends on the shape alone.
+2. **Key channels differ by orders of magnitude in range** (int4). A fixed
+   width wastes bits on narrow channels and starves wide ones. int4 keys are
+   quantized per channel in groups of ``k_group`` tokens, each (group,
+   channel) with its own (min, scale) and its own width ``b`` in ``[2,
+   k_bits_max]`` bits, chosen per (layer, head, group) to minimize ``sum(w_c *
+   err_c^2)`` under a fixed total of ``k_bit_budget(D)`` bits per token row:
+   greedily, each next bit goes to the channel whose weighted squared error it
+   reduces most, ``w_c * width^2 * (1/(2^b-1)^2 - 1/(2^(b+1)-1)^2)``. The
+   weight ``w_c = rms_c ^ k_rms_power`` (the channel's rms over the chunk's
+   non-sink tokens) stands in for the size of the query the channel meets;
+   plain MSE (power 0) measured clearly worse. The total is fixed, so the byte
+   size depends on the shape alone. The codes are stored as bit planes.
 3. **Value channels with outliers** (int4). A per-token (min, scale) is set by
    the token's largest channels. int4 values are first rotated by an
    orthonormal Hadamard matrix in blocks of ``h`` channels (h = the largest
-   power of two <= ``v_rotation`` dividing D: 16 for D = 64 or 128; blocks of
-   16, 32 and 64 measured alike, 16 is the cheapest), which spreads an
-   outlier over its block; int8 values are not rotated (their error is
-   already small next to the keys'). Then values are quantized per token in
-   groups of ``V_GROUP = 64`` channels to ``v_bits`` bits with one (min,
-   scale) each, and rotated back on decode. Still one quantization group per
-   token (per 64 channels), the KIVI axis; attention output is linear in V,
-   so the rotation only reshapes the error.
+   power of two <= 16 dividing D; blocks of 32 and 64 measured alike, 16 is the
+   cheapest), which spreads an outlier over its block, then quantized per
+   token in groups of ``V_GROUP = 64`` channels to 4 bits with one (min, scale)
+   each, and rotated back on decode. Still one quantization group per token
+   (per 64 channels), the KIVI axis; attention output is linear in V, so the
+   rotation only reshapes the error.
+
+int8 keeps one byte per code (keys asymmetric per channel over groups of 256
+tokens, values symmetric per token), so that decoding is two broadcast
+multiply-adds; with the sinks it already agrees with the raw model as well as
+bf16 does. Its second layout (base id 7, :class:`Int8V2`: int4's scheme with
+up to 12-bit keys, 7.73 bits per key on average, 8-bit values, no rotation)
+halved its KL again but decoded 3-4x slower, which made a disk hit slower
+than one of raw chunks; it is still decoded.
 
 Rounding: every min is rounded down and every scale up to its stored dtype, so
-the ``2^b`` levels ``min + q * scale`` span the group and ``q = round((x -
-min) / scale)`` (clamped) is within ``scale / 2`` of ``x`` (keys; values in
-the rotated basis, where an orthonormal rotation preserves each token block's
-error norm). Sinks are exact to float16. All-zero groups decode to zeros.
-Payload values must lie within float16 range (ValueError otherwise): key
-mins and sinks are float16.
+the levels ``min + q * scale`` span the group and ``q = round((x - min) /
+scale)`` (clamped) is within ``scale / 2`` of ``x`` (int8 values: ``q =
+round(x / scale)``, ``scale = absmax / 127``; int4 values in the rotated basis,
+where an orthonormal rotation preserves each token block's error norm). Sinks
+are exact to float16. All-zero groups decode to zeros. Payload values must
+lie within float16 range (ValueError otherwise): key mins and sinks are
+float16.
 
-=========  =======  ======  ===========  =========  ======  ========  ===================
-stage      k_group  k bits  budget/row   rms power  v_bits  rotation  size, T=256, D=64
-=========  =======  ======  ===========  =========  ======  ========  ===================
-int8 (7)   256      2..12   7.73 D       2          8       none      0.2598 of float32
-int4 (8)   64       2..8    4.25 D       1          4       h <= 16   0.1494 of float32
-=========  =======  ======  ===========  =========  ======  ========  ===================
+int8 bytes (S = min(2, T) sinks, Gk = ceil(T / 256) key groups)::
 
-Bytes (S = min(sinks, T); Gk = ceil(T / k_group) key groups, of which Gf are
-full; Gv = ceil(D / 64))::
+    sink_idx   u16  [L, H, S]          token index of each sink, ascending
+    sink_k     f16  [L, H, S, D]
+    sink_v     f16  [L, H, S, D]
+    k_min      f16  [L, H, Gk, D]
+    k_scale    bf16 [L, H, Gk, D]
+    v_scale    bf16 [L, H, T]
+    k_codes    u8   [L, H, T, D]       q = round((x - min) / scale), 0..255
+    v_codes    i8   [L, H, T, D]       q = round(x / scale), -127..127
+
+0.2598 of float32 at T=256, D=64.
+
+int4 (and int8 v2) bytes (Gk = ceil(T / k_group) key groups, Gv = ceil(D / 64))::
 
     sink_idx   u16  [L, H, S]          token index of each sink, ascending
     sink_k     f16  [L, H, S, D]
@@ -65,11 +77,18 @@ full; Gv = ceil(D / 64))::
     v_min      bf16 [L, H, T, Gv]      (rotated basis)
     v_scale    bf16 [L, H, T, Gv]
     k_bits     u4   [L, H, Gk, D]      two per byte, low nibble first (zero-padded)
-    v_codes    [L, H, T, D]            u8 (int8), or u4 two per byte low nibble first, zero-padded (int4)
+    v_codes    u4 [L, H, T, D], two per byte, low nibble first, zero-padded (int8 v2: u8)
     k_planes   per (l, h, full group, channel): its b bit planes, plane j holding
                bit j of the group's k_group codes, little-endian (token i at bit
                i % 8 of byte i // 8); then the same for the tail group, if any,
                with ceil(tail / 8) bytes per plane
+
+=========  =======  ======  ===========  =========  ======  ========  ===================
+stage      k_group  k bits  budget/row   rms power  v_bits  rotation  size, T=256, D=64
+=========  =======  ======  ===========  =========  ======  ========  ===================
+int4 (8)   64       2..8    4.25 D       1          4       h <= 16   0.1494 of float32
+int8 v2    256      2..12   7.73 D       2          8       none      0.2598 of float32
+=========  =======  ======  ===========  =========  ======  ========  ===================
 
 The first int8 and int4 layouts (base ids 4 and 6) are decoded by the legacy
 stages in :mod:`kvtier.codec.quant`.
@@ -135,8 +154,72 @@ def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.from_numpy(pairs.view(np.uint8))[:n]
 
 
+def _check_range(name: str, x: torch.Tensor) -> None:
+    low, high = torch.aminmax(x)
+    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))) or max(-low, high) > _FP16_MAX:
+        raise ValueError(f"{name} cannot encode non-finite values nor values beyond float16 range")
+
+
+def _encode_sinks(
+    x: torch.Tensor, payload: torch.Tensor, count: int, k_group: int, section: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the sinks of float32 ``x`` [L, 2, H, T, D] (``payload`` or a copy of it), write sections 0-2.
+
+    Returns the keys [L, H, T, D] with each sink replaced by an ordinary token of its key group (the first
+    of the group's first three tokens that is no sink; a copy if ``x`` is the caller's ``payload``), so that
+    the groups' ranges leave the sinks out, and the channels' mean square over the other tokens [L, H, 1, D].
+    """
+    layers, _, heads, tokens, dim = x.shape
+    k, v = x[:, 0], x[:, 1]
+    # the tokens whose keys lie farthest from the chunk's channel means, in channel std units (variance as
+    # E[k^2] - mean^2: one pass, and precise enough to rank tokens)
+    sinks = min(count, tokens)
+    mean = k.mean(2, keepdim=True)
+    mean_square = torch.linalg.vector_norm(k, dim=2, keepdim=True).square_().div_(tokens)  # [L, H, 1, D]
+    var = (mean_square - mean.square()).clamp_(min=0)
+    std = torch.where(var > 0, var.sqrt(), torch.inf)  # a constant channel makes no token unusual
+    unusual = (k - mean).abs_().div_(std).amax(-1)  # [L, H, T]
+    idx = unusual.topk(sinks, dim=-1).indices.sort(-1).values  # [L, H, S]
+    section[0].view(torch.uint16).copy_(idx.reshape(-1))
+    at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
+    sink_k = k.gather(2, at)  # [L, H, S, D]
+    section[1].view(torch.float16).copy_(sink_k.reshape(-1))
+    section[2].view(torch.float16).copy_(v.gather(2, at).reshape(-1))
+    others = max(tokens - sinks, 1)
+    mean_square.mul_(tokens).sub_(sink_k.square().sum(2, keepdim=True)).div_(others).clamp_(min=0)
+
+    k_work = k if x is not payload else k.clone()
+    is_sink = torch.zeros(layers, heads, tokens, dtype=torch.bool).scatter_(2, idx, True)
+    first = idx // k_group * k_group  # [L, H, S]: start of each sink's group
+    last = torch.clamp(first + k_group, max=tokens) - 1
+    candidates = torch.minimum(first.unsqueeze(-1) + torch.arange(3), last.unsqueeze(-1))  # [L, H, S, 3]
+    taken = is_sink.gather(2, candidates.flatten(2)).view(candidates.shape)
+    pick = torch.argmin(taken.to(torch.uint8), dim=-1, keepdim=True)  # the first free one (0 if none)
+    stand_in = torch.where(taken.all(-1), idx, candidates.gather(-1, pick).squeeze(-1))  # all sinks: keep
+    k_work.scatter_(2, at, k.gather(2, stand_in.unsqueeze(-1).expand(-1, -1, -1, dim)))
+    return k_work, mean_square
+
+
+def _sink_index(name: str, data: torch.Tensor, shape: Shape, count: int) -> torch.Tensor:
+    """The sink token indices [L, H, S] (int64) in section 0; CodecError if one is beyond the chunk."""
+    layers, _, heads, tokens, _ = shape
+    idx = data.view(torch.uint16).view(layers, heads, min(count, tokens)).to(torch.int64)
+    if bool((idx >= tokens).any()):
+        raise CodecError(f"{name}: sink index beyond the chunk's {tokens} tokens")
+    return idx
+
+
+def _put_sinks(out: torch.Tensor, idx: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor) -> None:
+    """Write the float16 sink keys and values (sections 1 and 2) into ``out`` [L, 2, H, T, D] at ``idx``."""
+    layers, heads, sinks = idx.shape
+    dim = out.shape[-1]
+    at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
+    out[:, 0].scatter_(2, at, sink_k.view(torch.float16).view(layers, heads, sinks, dim).to(out.dtype))
+    out[:, 1].scatter_(2, at, sink_v.view(torch.float16).view(layers, heads, sinks, dim).to(out.dtype))
+
+
 class _Kivi:
-    """The stage described in the module docstring; subclasses set its parameters."""
+    """The bit-plane stage of the module docstring (int4, int8 v2); subclasses set its parameters."""
 
     name: ClassVar[str]
     ident: ClassVar[int]
@@ -186,48 +269,14 @@ class _Kivi:
 
     def encode(self, payload: torch.Tensor) -> torch.Tensor:
         shape = tuple(payload.shape)
-        layers, _, heads, tokens, dim = shape
         off = _offsets(self._sections(shape))
         out = torch.empty(off[-1], dtype=torch.uint8)
         section = [out[off[i] : off[i + 1]] for i in range(len(off) - 1)]
         x = payload.float()  # [L, 2, H, T, D]
-        low, high = torch.aminmax(x)
-        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))) or max(-low, high) > _FP16_MAX:
-            raise ValueError(f"{self.name} cannot encode non-finite values nor values beyond float16 range")
-        k, v = x[:, 0], x[:, 1]  # [L, H, T, D]
-
-        # sinks: the tokens whose keys lie farthest from the chunk's channel means, in channel std units
-        # (variance as E[k^2] - mean^2: one pass, and precise enough to rank tokens)
-        sinks = min(self.sinks, tokens)
-        mean = k.mean(2, keepdim=True)
-        mean_square = torch.linalg.vector_norm(k, dim=2, keepdim=True).square_().div_(tokens)  # [L, H, 1, D]
-        var = (mean_square - mean.square()).clamp_(min=0)
-        std = torch.where(var > 0, var.sqrt(), torch.inf)  # a constant channel makes no token unusual
-        unusual = (k - mean).abs_().div_(std).amax(-1)  # [L, H, T]
-        idx = unusual.topk(sinks, dim=-1).indices.sort(-1).values  # [L, H, S]
-        section[0].view(torch.uint16).copy_(idx.reshape(-1))
-        at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
-        sink_k = k.gather(2, at)  # [L, H, S, D]
-        section[1].view(torch.float16).copy_(sink_k.reshape(-1))
-        section[2].view(torch.float16).copy_(v.gather(2, at).reshape(-1))
-        # the channels' mean square over the other tokens: what weighs their bits
-        others = max(tokens - sinks, 1)
-        mean_square.mul_(tokens).sub_(sink_k.square().sum(2, keepdim=True)).div_(others).clamp_(min=0)
-
-        # keys with each sink replaced by an ordinary token of its group (the first of the group's first three
-        # tokens that is no sink): the groups' ranges then leave the sinks out
-        k_work = k if x is not payload else k.clone()
-        is_sink = torch.zeros(layers, heads, tokens, dtype=torch.bool).scatter_(2, idx, True)
-        first = idx // self.k_group * self.k_group  # [L, H, S]: start of each sink's group
-        last = torch.clamp(first + self.k_group, max=tokens) - 1
-        candidates = torch.minimum(first.unsqueeze(-1) + torch.arange(3), last.unsqueeze(-1))  # [L, H, S, 3]
-        taken = is_sink.gather(2, candidates.flatten(2)).view(candidates.shape)
-        pick = torch.argmin(taken.to(torch.uint8), dim=-1, keepdim=True)  # the first free one (0 if none)
-        stand_in = torch.where(taken.all(-1), idx, candidates.gather(-1, pick).squeeze(-1))  # all sinks: keep
-        k_work.scatter_(2, at, k.gather(2, stand_in.unsqueeze(-1).expand(-1, -1, -1, dim)))
-
+        _check_range(self.name, x)
+        k_work, mean_square = _encode_sinks(x, payload, self.sinks, self.k_group, section)
         self._encode_keys(k_work, mean_square.pow_(self.k_rms_power / 2), section)
-        self._encode_values(v, section)
+        self._encode_values(x[:, 1], section)
         return out
 
     def _encode_keys(self, k: torch.Tensor, importance: torch.Tensor, section: list[torch.Tensor]) -> None:
@@ -286,11 +335,8 @@ class _Kivi:
         layers, _, heads, tokens, dim = shape
         off = _offsets(self._sections(shape))
         section = [data[off[i] : off[i + 1]] for i in range(len(off) - 1)]
-        sinks = min(self.sinks, tokens)
         k_groups = ceil(tokens / self.k_group)
-        idx = section[0].view(torch.uint16).view(layers, heads, sinks).to(torch.int64)
-        if bool((idx >= tokens).any()):
-            raise CodecError(f"{self.name}: sink index beyond the chunk's {tokens} tokens")
+        idx = _sink_index(self.name, section[0], shape, self.sinks)
         bits = _unpack_nibbles(section[7], layers * heads * k_groups * dim).view(layers, heads, k_groups, dim)
         if bool(((bits < K_BITS_MIN) | (bits > self.k_bits_max)).any()) or bool(
             (bits.sum(-1, dtype=torch.int32) != self.k_bit_budget(dim)).any()
@@ -341,9 +387,7 @@ class _Kivi:
                     else:  # rotate in float32, round once
                         target.copy_(torch.mm(rotated[rows], _hadamard(h)))
 
-        at = idx.unsqueeze(-1).expand(-1, -1, -1, dim)
-        out[:, 0].scatter_(2, at, section[1].view(torch.float16).view(layers, heads, sinks, dim).to(dtype))
-        out[:, 1].scatter_(2, at, section[2].view(torch.float16).view(layers, heads, sinks, dim).to(dtype))
+        _put_sinks(out, idx, section[1], section[2])
         return out
 
     @staticmethod
@@ -446,10 +490,11 @@ def _plane_bytes(planes: torch.Tensor, start: torch.Tensor, count: torch.Tensor)
     return (w if words == 1 else w.transpose(1, 2).contiguous()).view(torch.uint8).view(rows, 64 * words)
 
 
-class Int8(_Kivi):
+class Int8V2(_Kivi):
+    """int8 with per-channel key bit widths (base id 7): written by an earlier version, decoded, not written."""
+
     name: ClassVar[str] = "int8"
     ident: ClassVar[int] = 7
-    legacy: ClassVar[tuple[type[BaseStage], ...]] = (Int8V1,)
     k_group: ClassVar[int] = 256
     k_bits_max: ClassVar[int] = 12
     k_rms_power: ClassVar[float] = 2.0
@@ -459,6 +504,90 @@ class Int8(_Kivi):
     @staticmethod
     def k_bit_budget(dim: int) -> int:
         return 495 * dim // 64  # 7.73 bits per key on average: a size of 0.2598 of float32 at T=256, D=64
+
+
+class Int8:
+    """int8 (base id 9): float16 sinks, keys asymmetric per channel in groups of 256 tokens, values per token.
+
+    See the module docstring; every code is one byte, so decoding is two broadcast multiply-adds.
+    """
+
+    name: ClassVar[str] = "int8"
+    ident: ClassVar[int] = 9
+    lossy: ClassVar[bool] = True
+    legacy: ClassVar[tuple[type[BaseStage], ...]] = (Int8V1, Int8V2)
+    sinks: ClassVar[int] = 2
+    k_group: ClassVar[int] = 256
+
+    def shuffle_size(self, dtype: torch.dtype) -> int:
+        return 1
+
+    def _sections(self, shape: Shape) -> list[int]:
+        layers, _, heads, tokens, dim = shape
+        lh = layers * heads
+        sinks = min(self.sinks, tokens)
+        k_groups = ceil(tokens / self.k_group)
+        return [
+            2 * lh * sinks,  # 0 sink_idx
+            2 * lh * sinks * dim,  # 1 sink_k
+            2 * lh * sinks * dim,  # 2 sink_v
+            2 * lh * k_groups * dim,  # 3 k_min
+            2 * lh * k_groups * dim,  # 4 k_scale
+            2 * lh * tokens,  # 5 v_scale
+            lh * tokens * dim,  # 6 k_codes
+            lh * tokens * dim,  # 7 v_codes
+        ]
+
+    def encoded_size(self, shape: Shape, dtype: torch.dtype) -> int:
+        return sum(self._sections(shape))
+
+    def encode(self, payload: torch.Tensor) -> torch.Tensor:
+        shape = tuple(payload.shape)
+        layers, _, heads, tokens, dim = shape
+        off = _offsets(self._sections(shape))
+        out = torch.empty(off[-1], dtype=torch.uint8)
+        section = [out[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+        x = payload.float()  # [L, 2, H, T, D]
+        _check_range(self.name, x)
+        k, _ = _encode_sinks(x, payload, self.sinks, self.k_group, section)
+        k_codes = section[6].view(layers, heads, tokens, dim)
+        mins, scales = [], []
+        for kg, qg in zip(_groups(k, 2, self.k_group), _groups(k_codes, 2, self.k_group), strict=True):
+            low, high = torch.aminmax(kg, dim=3, keepdim=True)  # [L, H, n, 1, D]
+            low = _half(low, -torch.inf)
+            scale = _rounded((high - low.float()) / 255, torch.bfloat16, torch.inf)
+            qg.copy_((kg - low.float()).div_(_nonzero(scale.float())).round_().clamp_(0, 255))
+            mins.append(low.squeeze(3))
+            scales.append(scale.squeeze(3))
+        section[3].view(torch.float16).copy_(torch.cat(mins, 2).reshape(-1))
+        section[4].view(torch.bfloat16).copy_(torch.cat(scales, 2).reshape(-1))
+        v = x[:, 1]
+        low, high = torch.aminmax(v, dim=3, keepdim=True)
+        v_scale = _rounded(torch.maximum(high, low.neg_()) / 127, torch.bfloat16, torch.inf)  # [L, H, T, 1]
+        section[5].view(torch.bfloat16).copy_(v_scale.reshape(-1))
+        # |v / scale| <= 127 with the rounded-up scale (+ float32 rounding: round() stays within), no clamp
+        section[7].view(torch.int8).view(layers, heads, tokens, dim).copy_(v.div(_nonzero(v_scale.float())).round_())
+        return out
+
+    def decode(self, data: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        layers, _, heads, tokens, dim = shape
+        off = _offsets(self._sections(shape))
+        section = [data[off[i] : off[i + 1]] for i in range(len(off) - 1)]
+        idx = _sink_index(self.name, section[0], shape, self.sinks)
+        k_groups = ceil(tokens / self.k_group)
+        k_min = section[3].view(torch.float16).view(layers, heads, k_groups, 1, dim).float()
+        k_scale = section[4].view(torch.bfloat16).view(layers, heads, k_groups, 1, dim).float()
+        v_scale = section[5].view(torch.bfloat16).view(layers, heads, tokens, 1).float()
+        k_codes = section[6].view(layers, heads, tokens, dim)
+        out = torch.empty(shape, dtype=dtype)
+        start = 0
+        for qg, og in zip(_groups(k_codes, 2, self.k_group), _groups(out[:, 0], 2, self.k_group), strict=True):
+            n = qg.shape[2]
+            torch.addcmul(k_min.narrow(2, start, n), qg, k_scale.narrow(2, start, n), out=og)
+            start += n
+        torch.mul(section[7].view(torch.int8).view(layers, heads, tokens, dim), v_scale, out=out[:, 1])
+        _put_sinks(out, idx, section[1], section[2])
+        return out
 
 
 class Int4(_Kivi):

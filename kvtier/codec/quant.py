@@ -12,8 +12,9 @@ H, T, D]``. Decoding widens e4m3 through a 256-entry float32 table (torch's
 float8 -> float32 conversion is several times slower). Every computation is
 in float32, whatever the payload dtype.
 
-The current ``int8`` and ``int4`` are in :mod:`kvtier.codec.kivi`. Their first
-layouts stay decodable so that chunks stored before the change still read:
+The current ``int8`` and ``int4`` are in :mod:`kvtier.codec.kivi` (with int8's
+second layout). Their first layouts stay decodable so that chunks stored
+before the change still read:
 
 - int8 v1 (base id 4): as fp8 with 127 in place of 448 and ``q = round(x /
   scale)`` stored as int8 (keys symmetric per channel over the whole chunk).
