@@ -172,11 +172,11 @@ def machine_info(threads: int) -> dict[str, object]:
         "transformers_version": transformers.__version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "mem_total_gib": _mem_total_gib(),
+        "mem_total_gib": mem_total_gib(),
     }
 
 
-def _mem_total_gib() -> float | None:
+def mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):

@@ -90,6 +90,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, loadavg, mem_total_gib
+
 ROOT = Path(__file__).resolve().parent.parent
 KVTIER = Path(sys.executable).parent / "kvtier"
 LICENSES = Path("/usr/share/common-licenses")
@@ -634,25 +637,7 @@ def run_one(args, setting: str, mode: str, wl: Workload, log_dir: Path, stem: st
 # -- report --------------------------------------------------------------------------------------------------------
 
 
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    mem = None
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}
@@ -667,8 +652,8 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu,
-        "mem_total_gib": mem,
+        "cpu_model": cpu_model(),
+        "mem_total_gib": mem_total_gib(),
         "python": sys.version.split()[0],
         "versions": versions,
         "git_commit": commit,
