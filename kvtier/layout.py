@@ -104,6 +104,12 @@ class KVSource(Protocol):
         ...
 
 
+def check_range(start: int, end: int, num_tokens: int) -> None:
+    """The bounds a :meth:`KVSource.gather` call must respect: 0 <= start < end <= num_tokens."""
+    if not 0 <= start < end <= num_tokens:
+        raise ValueError(f"token range [{start}, {end}) outside [0, {num_tokens})")
+
+
 class LayerKV:
     """A :class:`KVSource` over per-layer K and V tensors of shape [H, N, D].
 
@@ -133,8 +139,7 @@ class LayerKV:
         return self._num_tokens
 
     def gather(self, start: int, end: int) -> torch.Tensor:
-        if not 0 <= start < end <= self._num_tokens:
-            raise ValueError(f"token range [{start}, {end}) outside [0, {self._num_tokens})")
+        check_range(start, end, self._num_tokens)
         out = torch.empty(self._layout.chunk_shape(end - start), dtype=self._layout.torch_dtype)
         for layer, (k, v) in enumerate(zip(self._keys, self._values, strict=True)):
             out[layer, 0].copy_(k[:, start:end])  # [H, T, D]
@@ -156,8 +161,7 @@ class TensorKV:
         return self._kv.shape[3]
 
     def gather(self, start: int, end: int) -> torch.Tensor:
-        if not 0 <= start < end <= self.num_tokens:
-            raise ValueError(f"token range [{start}, {end}) outside [0, {self.num_tokens})")
+        check_range(start, end, self.num_tokens)
         return self._kv[:, :, :, start:end].to(self._layout.torch_dtype, copy=True).contiguous()
 
 

@@ -287,7 +287,6 @@ class _SchedulerSide:
         self.tracked: dict[str, _Tracked] = {}
         self.finishing: list[StoreOp] = []
         self.hit_tokens: dict[str, str] = {}  # req id -> "disk:512+redis:256" of the last lookup
-        self.load_failures = 0
         log.info(
             "kvtier connector (scheduler): chunk_size %d, tiers %s, namespace %s",
             self.chunk_size,
@@ -320,7 +319,6 @@ class _SchedulerSide:
 
     def failed_blocks(self, block_ids: set[int]) -> None:
         """The worker could not fill these blocks: vLLM recomputes them, and they must be stored again."""
-        self.load_failures += 1
         for tracked in self.tracked.values():
             if block_ids.intersection(tracked.block_ids):
                 tracked.stored = 0
@@ -559,7 +557,7 @@ def _cpu_writer(sample: torch.Tensor, layout: KVLayout):
     from vllm import _custom_ops as ops
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    nb, heads, block_size = sample.shape[0], sample.shape[1], sample.shape[2]
+    heads, block_size = sample.shape[1], sample.shape[2]
     head_dim = layout.head_dim
     isa = _get_attn_isa(sample.dtype, block_size, head_dim)
 
@@ -567,5 +565,4 @@ def _cpu_writer(sample: torch.Tensor, layout: KVLayout):
         kc, vc = layer.view(layer.shape[0], heads, 2 * block_size, head_dim).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(key, value, kc, vc, slots, isa)
 
-    del nb
     return write

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvtier.layout import KVLayout
+from kvtier.layout import KVLayout, check_range
 
 # (key [T, H, D], value [T, H, D], layer cache tensor, slot_mapping [T] int64) -> None
 WriteFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -197,8 +197,7 @@ class PagedKV:
         return self._num_tokens
 
     def gather(self, start: int, end: int) -> torch.Tensor:
-        if not 0 <= start < end <= self._num_tokens:
-            raise ValueError(f"token range [{start}, {end}) outside [0, {self._num_tokens})")
+        check_range(start, end, self._num_tokens)
         return self._paged.read(self._layers, self._block_ids, start, end)
 
 
