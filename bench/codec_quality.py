@@ -802,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation", type=int, default=128, help="teacher-forced continuation tokens")
     parser.add_argument("--greedy", type=int, default=64, help="max greedy tokens compared with the raw-KV decode")
     parser.add_argument("--ttft-prefix", type=int, default=4096, help="prefix tokens of the disk-hit TTFT")
-    parser.add_argument("--ttft-repeats", type=int, default=3, help="timed disk hits per codec (median)")
+    parser.add_argument("--ttft-repeats", type=int, default=7, help="timed disk hits per codec (median)")
     parser.add_argument("--speed-repeats", type=int, default=7, help="timed encode/decode runs per codec (median)")
     parser.add_argument("--plot", type=Path, help="PNG: KL vs size, disk-hit TTFT bars")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")

@@ -103,6 +103,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from kvtier.codec import kernels
 from kvtier.codec.base import BaseStage, CodecError, Shape
 from kvtier.codec.quant import Int4V1, Int8V1, _groups, _half, _nonzero, _offsets, _rounded
 
@@ -342,6 +343,8 @@ class _Kivi:
             (bits.sum(-1, dtype=torch.int32) != self.k_bit_budget(dim)).any()
         ):
             raise CodecError(f"{self.name}: key bit widths are damaged")
+        if self.k_group == 64 and self.k_bits_max <= 8 and self.v_bits == 4 and dim % 2 == 0 and kernels.enabled():
+            return self._decode_compiled(section, bits, idx, shape, dtype)
         out = torch.empty(shape, dtype=dtype)
 
         k_min = section[3].view(torch.float16).view(layers, heads, k_groups, 1, dim).float()
@@ -387,6 +390,26 @@ class _Kivi:
                     else:  # rotate in float32, round once
                         target.copy_(torch.mm(rotated[rows], _hadamard(h)))
 
+        _put_sinks(out, idx, section[1], section[2])
+        return out
+
+    def _decode_compiled(
+        self, section: list[torch.Tensor], bits: torch.Tensor, idx: torch.Tensor, shape: Shape, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """:meth:`decode` by the numba kernels (int4's parameters, an even D: whole bytes of codes per token)."""
+        layers, _, heads, tokens, dim = shape
+        k_groups, v_groups = bits.shape[2], ceil(dim / V_GROUP)
+        out = torch.empty(shape, dtype=torch.float32)
+        k_min = section[3].view(torch.float16).view(layers, heads, k_groups, dim).float()
+        k_scale = section[4].view(torch.bfloat16).view(layers, heads, k_groups, dim).float()
+        wide = out.numpy()
+        kernels.int4_keys(section[9].numpy(), section[10].numpy(), bits.numpy(), k_min.numpy(), k_scale.numpy(), wide)
+        v_min = section[5].view(torch.bfloat16).view(layers, heads, tokens, v_groups).float()
+        v_scale = section[6].view(torch.bfloat16).view(layers, heads, tokens, v_groups).float()
+        block = hadamard_size(dim, self.v_rotation)
+        kernels.int4_values(section[8].numpy(), v_min.numpy(), v_scale.numpy(), block, wide)
+        if dtype != torch.float32:
+            out = out.to(dtype)
         _put_sinks(out, idx, section[1], section[2])
         return out
 
