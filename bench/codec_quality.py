@@ -52,7 +52,10 @@ Disk-hit TTFT (``disk_hit_ttft_s``): per codec an engine with ``l1.enabled=false
 (``max_new_tokens=1``) stores the prefix, ``engine.flush()`` + ``sync``; then
 ``CachedModel.generate`` of the same prefix + another 50-token suffix B, chunk
 files dropped from the page cache (``posix_fadvise DONTNEED``) before each call;
-``Generation.ttft_s`` reported, median of ``--ttft-repeats`` after one warm-up.
+``Generation.ttft_s`` reported, median of ``--ttft-repeats`` after one warm-up;
+``disk_hit_ttft_over_raw`` (the target's value) is the median over rounds of
+the codec's TTFT / raw's TTFT in the same round (a paired comparison: the
+shared machine's drift moves both sides of a pair).
 The codecs' timed calls are interleaved round-robin so that drift of a shared
 machine hits them alike. ``disk_retrieve_s`` times ``engine.retrieve`` alone the
 same way (no prefill: the codec's share of the hit).
@@ -576,7 +579,13 @@ def disk_hit_ttft(
     if "raw" in out:
         raw = out["raw"]
         for spec in codecs:
-            out[spec]["disk_hit_ttft_over_raw"] = out[spec]["disk_hit_ttft_s"] / raw["disk_hit_ttft_s"]
+            # paired by round: the codecs' hits of one round ran back to back, so a drift of the machine
+            # (other tenants, memory state) moves both sides of a pair; the median of these is the target's value
+            pairs = [c / r for c, r in zip(out[spec]["disk_hit_ttft_all_s"], raw["disk_hit_ttft_all_s"], strict=True)]
+            out[spec]["disk_hit_ttft_paired_ratios"] = pairs
+            out[spec]["disk_hit_ttft_over_raw"] = median(pairs)
+            out[spec]["disk_hit_ttft_median_over_raw"] = out[spec]["disk_hit_ttft_s"] / raw["disk_hit_ttft_s"]
+            out[spec]["disk_hit_ttft_rounds_faster"] = sum(p < 1 for p in pairs)
             out[spec]["disk_retrieve_over_raw"] = out[spec]["disk_retrieve_s"] / raw["disk_retrieve_s"]
             out[spec]["disk_hit_first_token_matches_raw"] = (
                 out[spec]["disk_hit_first_token"] == raw["disk_hit_first_token"]
@@ -618,10 +627,12 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[name] = {"value": None, "pass": None, "note": "raw not measured"}
             missing.append(name)
             continue
-        ratio_ = r["disk_hit_ttft_s"] / raw["disk_hit_ttft_s"]
+        ratio_ = r["disk_hit_ttft_over_raw"]
         t = _check(ratio_, "<=", 1.0)
         t["ttft_s"] = r["disk_hit_ttft_s"]
         t["raw_ttft_s"] = raw["disk_hit_ttft_s"]
+        t["rounds_faster"] = f"{r['disk_hit_ttft_rounds_faster']}/{len(r['disk_hit_ttft_paired_ratios'])}"
+        t["retrieve_over_raw"] = r.get("disk_retrieve_over_raw")
         t["within_noise"] = noise is not None and abs(ratio_ - 1) <= noise
         out[name] = t
     measured = [v for v in out.values() if isinstance(v, dict) and v.get("pass") is not None]
@@ -629,7 +640,8 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out["complete"] = not missing
     out["raw_ttft_relative_spread"] = noise
     out["notes"] = [
-        "value of a *.disk_hit_ttft_s<=raw target is the ratio codec/raw of median TTFT (pass if <= 1.0)",
+        "value of a *.disk_hit_ttft_s<=raw target is the median over rounds of TTFT codec / TTFT raw in the same "
+        "round (pass if <= 1.0); rounds_faster counts the rounds where the codec's hit was faster",
         "raw_ttft_relative_spread = (max - min) / median of raw's timed disk hits: ratios within it "
         "(within_noise) are not resolved by this run",
         "size_ratio counts the codec frame (64 B) but not kvtier's JSON chunk header; file_ratio counts both",
@@ -696,7 +708,10 @@ def print_table(rows: list[dict[str, Any]], tgt: dict[str, Any], settings: dict[
         extra = ""
         if "within_noise" in t:
             noisy = ", within noise" if t["within_noise"] else ""
-            extra = f" ({fmt_s(t['ttft_s'])} vs raw {fmt_s(t['raw_ttft_s'])}{noisy})"
+            extra = (
+                f" (medians {fmt_s(t['ttft_s'])} vs raw {fmt_s(t['raw_ttft_s'])};"
+                f" faster in {t['rounds_faster']} rounds; retrieve {t['retrieve_over_raw']:.2f} of raw{noisy})"
+            )
         console.print(f"  {name} = {t['value']:.5g} (target {t['op']} {t['threshold']}): {mark}{extra}")
     if tgt.get("raw_ttft_relative_spread") is not None:
         console.print(f"  raw disk-hit TTFT runs spread {100 * tgt['raw_ttft_relative_spread']:.1f} % (max-min)/median")
@@ -802,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation", type=int, default=128, help="teacher-forced continuation tokens")
     parser.add_argument("--greedy", type=int, default=64, help="max greedy tokens compared with the raw-KV decode")
     parser.add_argument("--ttft-prefix", type=int, default=4096, help="prefix tokens of the disk-hit TTFT")
-    parser.add_argument("--ttft-repeats", type=int, default=7, help="timed disk hits per codec (median)")
+    parser.add_argument("--ttft-repeats", type=int, default=9, help="timed disk hits (rounds) per codec")
     parser.add_argument("--speed-repeats", type=int, default=7, help="timed encode/decode runs per codec (median)")
     parser.add_argument("--plot", type=Path, help="PNG: KL vs size, disk-hit TTFT bars")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
