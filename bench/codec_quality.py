@@ -51,12 +51,13 @@ Disk-hit TTFT (``disk_hit_ttft_s``): per codec an engine with ``l1.enabled=false
 ``CachedModel.generate`` of ``ttft_prefix`` tokens + a 50-token suffix A
 (``max_new_tokens=1``) stores the prefix, ``engine.flush()`` + ``sync``; then
 ``CachedModel.generate`` of the same prefix + another 50-token suffix B, chunk
-files dropped from the page cache (``posix_fadvise DONTNEED``) before each call;
+files dropped from the page cache (``posix_fadvise DONTNEED``) before each call,
+each round running every codec once in a seeded random order;
 ``Generation.ttft_s`` reported, median of ``--ttft-repeats`` after one warm-up;
 ``disk_hit_ttft_over_raw`` (the target's value) is the median over rounds of
 the codec's TTFT / raw's TTFT in the same round (a paired comparison: the
 shared machine's drift moves both sides of a pair).
-The codecs' timed calls are interleaved round-robin so that drift of a shared
+The codecs' timed calls are interleaved (shuffled rounds) so that drift of a shared
 machine hits them alike. ``disk_retrieve_s`` times ``engine.retrieve`` alone the
 same way (no prefill: the codec's share of the hit).
 
@@ -72,6 +73,7 @@ import gc
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -522,9 +524,11 @@ def disk_hit_ttft(
             gen = s["cm"].generate(ids_b, **GEN)
             s["warmup_ttft"] = gen.ttft_s
         progress.update()
-        # timed hits, interleaved round-robin over the codecs
-        for r in range(args.ttft_repeats):
-            for spec in codecs:
+        # timed hits, interleaved: every round runs each codec once, in a shuffled order (seeded), so that no
+        # codec always follows the same one; a round's hits are compared with raw's hit of that round
+        orders = [random.Random(r).sample(codecs, len(codecs)) for r in range(args.ttft_repeats)]
+        for r, order in enumerate(orders):
+            for spec in order:
                 s = setup[spec]
                 progress.set_postfix_str(f"ttft: hit {spec} #{r + 1}")
                 dt, gen, foreign = timer.once(
@@ -536,10 +540,11 @@ def disk_hit_ttft(
                 s["reused"] = gen.reused_tokens
                 s["tiers"] = gen.tiers
                 s["first_token"] = gen.new_tokens[0]
+                gen = None  # the next hit runs without this one's KV still allocated
                 progress.update()
         # retrieve alone (decode share), interleaved the same way
-        for r in range(args.ttft_repeats):
-            for spec in codecs:
+        for r, order in enumerate(orders):
+            for spec in order:
                 s = setup[spec]
                 progress.set_postfix_str(f"ttft: retrieve {spec} #{r + 1}")
                 dt, res, _ = timer.once(
@@ -817,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--continuation", type=int, default=128, help="teacher-forced continuation tokens")
     parser.add_argument("--greedy", type=int, default=64, help="max greedy tokens compared with the raw-KV decode")
     parser.add_argument("--ttft-prefix", type=int, default=4096, help="prefix tokens of the disk-hit TTFT")
-    parser.add_argument("--ttft-repeats", type=int, default=9, help="timed disk hits (rounds) per codec")
+    parser.add_argument("--ttft-repeats", type=int, default=15, help="timed disk hits (rounds) per codec")
     parser.add_argument("--speed-repeats", type=int, default=7, help="timed encode/decode runs per codec (median)")
     parser.add_argument("--plot", type=Path, help="PNG: KL vs size, disk-hit TTFT bars")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -963,7 +968,8 @@ def main(argv: list[str] | None = None) -> int:
         "reference's greedy decode; greedy_match = leading equal tokens",
         "speed_chunk": chunk_note,
         "disk_hit_ttft": "median Generation.ttft_s of CachedModel.generate(prefix + suffix B, max_new_tokens=1), "
-        "page cache dropped before each call, codecs interleaved round-robin, after one warm-up each",
+        "page cache dropped before each call, every round runs each codec once in a seeded random order, "
+        "after one warm-up each; target = median of per-round codec/raw ratios",
     }
     result = {
         "benchmark": "codec_quality",
