@@ -10,6 +10,7 @@ than torch's matmul, so they agree to float32 rounding of that sum.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -19,14 +20,17 @@ from kvtier.codec.kivi import Int4, hadamard_size
 from kvtier.codec.quant import Fp8
 
 
-@pytest.fixture
-def torch_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The test runs with the kernels off (KVTIER_NUMBA=0); they are back on afterwards."""
-    monkeypatch.setenv("KVTIER_NUMBA", "0")
-    kernels._numba.cache_clear()
-    yield
-    monkeypatch.delenv("KVTIER_NUMBA")
-    kernels._numba.cache_clear()
+@contextmanager
+def torch_code() -> Iterator[None]:
+    """Kernels off (KVTIER_NUMBA=0) inside the block, back to the environment's setting after it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVTIER_NUMBA", "0")
+        kernels._numba.cache_clear()
+        try:
+            yield
+        finally:
+            mp.undo()
+            kernels._numba.cache_clear()
 
 
 def _payload(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -40,14 +44,8 @@ def _both(stage, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     data = stage.encode(x)
     shape = tuple(x.shape)
     compiled = stage.decode(data, shape, dtype)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVTIER_NUMBA", "0")
-        kernels._numba.cache_clear()
-        try:
-            reference = stage.decode(data, shape, dtype)
-        finally:
-            mp.delenv("KVTIER_NUMBA")
-            kernels._numba.cache_clear()
+    with torch_code():
+        reference = stage.decode(data, shape, dtype)
     return compiled, reference
 
 
@@ -56,10 +54,12 @@ def test_kernels_are_enabled_here() -> None:
     assert kernels.enabled()
 
 
-def test_kernels_can_be_switched_off(torch_path: None) -> None:
-    assert not kernels.enabled()
-    with pytest.raises(RuntimeError, match="disabled"):
-        kernels._kernels()
+def test_kernels_can_be_switched_off() -> None:
+    with torch_code():
+        assert not kernels.enabled()
+        with pytest.raises(RuntimeError, match="disabled"):
+            kernels._kernels()
+    assert kernels.enabled()
 
 
 SHAPES = [

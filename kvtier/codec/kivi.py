@@ -219,6 +219,20 @@ def _put_sinks(out: torch.Tensor, idx: torch.Tensor, sink_k: torch.Tensor, sink_
     out[:, 1].scatter_(2, at, sink_v.view(torch.float16).view(layers, heads, sinks, dim).to(out.dtype))
 
 
+def _group_params(
+    section: list[torch.Tensor], shape: Shape, k_groups: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sections 3-6 as float32: key (min, scale) [L, H, Gk, D], value (min, scale) [L, H, T, Gv]."""
+    layers, _, heads, tokens, dim = shape
+    v_groups = ceil(dim / V_GROUP)
+    return (
+        section[3].view(torch.float16).view(layers, heads, k_groups, dim).float(),
+        section[4].view(torch.bfloat16).view(layers, heads, k_groups, dim).float(),
+        section[5].view(torch.bfloat16).view(layers, heads, tokens, v_groups).float(),
+        section[6].view(torch.bfloat16).view(layers, heads, tokens, v_groups).float(),
+    )
+
+
 class _Kivi:
     """The bit-plane stage of the module docstring (int4, int8 v2); subclasses set its parameters."""
 
@@ -346,9 +360,9 @@ class _Kivi:
         if self.k_group == 64 and self.k_bits_max <= 8 and self.v_bits == 4 and dim % 2 == 0 and kernels.enabled():
             return self._decode_compiled(section, bits, idx, shape, dtype)
         out = torch.empty(shape, dtype=dtype)
-
-        k_min = section[3].view(torch.float16).view(layers, heads, k_groups, 1, dim).float()
-        k_scale = section[4].view(torch.bfloat16).view(layers, heads, k_groups, 1, dim).float()
+        k_min, k_scale, v_min, v_scale = _group_params(section, shape, k_groups)
+        k_min, k_scale = k_min.unsqueeze(3), k_scale.unsqueeze(3)  # [L, H, Gk, 1, D]: over a group's tokens
+        v_min, v_scale = v_min.unsqueeze(-1), v_scale.unsqueeze(-1)  # [L, H, T, Gv, 1]: over a group's channels
         start = 0
         for og in _groups(out[:, 0], 2, self.k_group):  # [L, H, n, g, D]
             n, g = og.shape[2], og.shape[3]
@@ -364,9 +378,6 @@ class _Kivi:
                 og[la, he, gr, :, d] = torch.addcmul(low_, code, scale[la, he, gr, 0, d].unsqueeze(1)).to(dtype)
             start += n
 
-        v_groups = ceil(dim / V_GROUP)
-        v_min = section[5].view(torch.bfloat16).view(layers, heads, tokens, v_groups, 1).float()
-        v_scale = section[6].view(torch.bfloat16).view(layers, heads, tokens, v_groups, 1).float()
         if self.v_bits == 8:
             codes = section[8].view(layers, heads, tokens, dim)
         else:
@@ -397,16 +408,11 @@ class _Kivi:
         self, section: list[torch.Tensor], bits: torch.Tensor, idx: torch.Tensor, shape: Shape, dtype: torch.dtype
     ) -> torch.Tensor:
         """:meth:`decode` by the numba kernels (int4's parameters, an even D: whole bytes of codes per token)."""
-        layers, _, heads, tokens, dim = shape
-        k_groups, v_groups = bits.shape[2], ceil(dim / V_GROUP)
         out = torch.empty(shape, dtype=torch.float32)
-        k_min = section[3].view(torch.float16).view(layers, heads, k_groups, dim).float()
-        k_scale = section[4].view(torch.bfloat16).view(layers, heads, k_groups, dim).float()
+        k_min, k_scale, v_min, v_scale = _group_params(section, shape, bits.shape[2])
         wide = out.numpy()
         kernels.int4_keys(section[9].numpy(), section[10].numpy(), bits.numpy(), k_min.numpy(), k_scale.numpy(), wide)
-        v_min = section[5].view(torch.bfloat16).view(layers, heads, tokens, v_groups).float()
-        v_scale = section[6].view(torch.bfloat16).view(layers, heads, tokens, v_groups).float()
-        block = hadamard_size(dim, self.v_rotation)
+        block = hadamard_size(shape[4], self.v_rotation)
         kernels.int4_values(section[8].numpy(), v_min.numpy(), v_scale.numpy(), block, wide)
         if dtype != torch.float32:
             out = out.to(dtype)
