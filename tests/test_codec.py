@@ -823,3 +823,35 @@ def test_damaged_kivi_choices_are_clean_errors(base: str) -> None:
     for damaged in (off_by_one, zero, below_min):
         with pytest.raises(CodecError, match="bit widths"):
             stage(base).decode(damaged, SMALL, torch.float32)
+
+
+# ---------------------------------------------------------------- real KV (SmolLM2-135M)
+
+
+@pytest.fixture(scope="module")
+def real_kv() -> torch.Tensor:
+    """The prefill KV [30, 2, 3, 320, 64] of 320 tokens of real English (a license text), float32."""
+    from pathlib import Path
+
+    from kvtier.config import load_config
+    from kvtier.models import load_model, resolve_model
+
+    model, tok = load_model(resolve_model("smollm2-135m", load_config(env={}).cache_dir))
+    gpl = Path("/usr/share/common-licenses/GPL-3")
+    text = gpl.read_text() if gpl.is_file() else (Path(zlib.__file__).parent / "LICENSE.txt").read_text()
+    ids = tok(text, return_tensors="pt").input_ids[:, :320]
+    with torch.inference_mode():
+        cache = model(ids, use_cache=True).past_key_values
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]).contiguous()
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("spec", SPECS)
+def test_real_kv_roundtrip_within_bound(real_kv: torch.Tensor, spec: str) -> None:
+    # real keys have the outlier channels and attention sinks the codecs are built around; 320 tokens = one
+    # full int8 key group plus a tail, five full int4 groups
+    assert real_kv.shape == (30, 2, 3, 320, 64)
+    _, y = roundtrip(spec, real_kv)
+    if spec.startswith("raw"):
+        assert torch.equal(y, real_kv)
+    assert_within_bound(spec, real_kv, y)
