@@ -6,7 +6,9 @@ Nested keys use ``__`` in the environment and ``.`` on the command line::
 
     KVTIER_L1__MAX_BYTES=4GB      kvtier demo --set l1.max_bytes=4GB
 
-Sizes accept ``4GB`` (10^9), ``4GiB`` (2^30) or plain bytes. An unknown key
+The variables in :data:`ENV_SWITCHES` (``KVTIER_NUMBA``, ``KVTIER_NO_VLLM``)
+are switches read by other code, not config keys. Sizes accept ``4GB``
+(10^9), ``4GiB`` (2^30) or plain bytes. An unknown key
 or a bad value raises :class:`~kvtier.errors.ConfigError` naming the key, the
 source it came from and the reason.
 """
@@ -26,6 +28,14 @@ from kvtier.errors import ConfigError
 
 ENV_PREFIX = "KVTIER_"
 ENV_CONFIG_FILE = "KVTIER_CONFIG"
+# KVTIER_* variables that are switches read elsewhere, not config keys: never parsed as keys.
+ENV_SWITCHES: frozenset[str] = frozenset(
+    {
+        ENV_CONFIG_FILE,  # the config file
+        "KVTIER_NUMBA",  # 0: the codecs' torch code instead of the compiled kernels (kvtier/codec/kernels.py)
+        "KVTIER_NO_VLLM",  # scripts/setup.sh: install without vLLM
+    }
+)
 
 PositiveBytes = Annotated[ByteSize, Field(gt=0)]
 
@@ -168,7 +178,7 @@ def load_config(
         for dotted, value in _flatten(_read_file(Path(path))).items():
             _set_dotted(tree, dotted, value, origins, f"file {path}")
     for name, value in sorted(environ.items()):
-        if name.startswith(ENV_PREFIX) and name != ENV_CONFIG_FILE:
+        if name.startswith(ENV_PREFIX) and name not in ENV_SWITCHES:
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, value, origins, f"env {name}")
     for dotted, value in (overrides or {}).items():

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from kvtier.chunk import Chunk
-from kvtier.codec import get_codec
 from kvtier.config import KvtierConfig
 from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
 from kvtier.layout import KVSource, TensorKV, assemble_layers
 from kvtier.metrics import KvtierMetrics
-from kvtier.storage import DiskBackend, MemoryBackend, StorageBackend, TierStack
+from kvtier.storage import TierAccess, TierStack, build_tiers
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class LookupResult:
 
     @property
     def tiers(self) -> str:
-        """A short human description, e.g. ``"cpu:2048+disk:1024"`` or ``"none"``."""
+        """A short human description, e.g. ``"l1:2048+l2:1024"`` or ``"none"``."""
         return "+".join(f"{t}:{n}" for t, n in self.tier_tokens.items() if n) or "none"
 
 
@@ -123,45 +122,15 @@ class CacheEngine:
         config: KvtierConfig,
         namespace: Namespace,
         *,
+        access: TierAccess = TierAccess(),
         metrics: KvtierMetrics | None = None,
-        shared_disk: bool = False,
-        observer: bool = False,
     ) -> CacheEngine:
-        """An engine with the tiers ``config`` enables (not started: call ``start`` or use ``with``).
+        """An engine over the tiers ``config`` enables, opened as ``access`` says (not started: ``start`` or ``with``).
 
         ``metrics`` lets several engines report into one registry; by default the engine has its own.
-        ``shared_disk`` makes the disk tier notice files other processes write (see
-        :class:`DiskBackend`'s ``watch``). ``observer`` builds a lookup-only engine for a
-        process that never holds KV itself (vLLM's scheduler): no L1, the disk tier
-        read-only and watched, Redis as configured.
+        Raises ValueError if ``config`` and ``access`` leave no tier.
         """
-        backends: list[StorageBackend] = []
-        if config.l1.enabled and not observer:
-            backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec)))
-        if config.l2.enabled:
-            backends.append(
-                DiskBackend(
-                    config.chunk_dir,
-                    int(config.l2.max_bytes),
-                    fsync=config.l2.fsync,
-                    codec=get_codec(config.l2.codec),
-                    watch=shared_disk,
-                    read_only=observer,
-                )
-            )
-        if config.l3.enabled:
-            from kvtier.storage.redis import RedisBackend  # redis-py is optional
-
-            backends.append(RedisBackend.from_config(config.l3, tenant=config.tenant))
-        if not backends:
-            raise ValueError(
-                "an observer engine needs l2 or l3 enabled"
-                if observer
-                else "at least one tier (l1, l2 or l3) must be enabled"
-            )
-        # Only the memory tier is written on the caller's thread; disk and Redis always in the background.
-        sync = 1 if isinstance(backends[0], MemoryBackend) else 0
-        tiers = TierStack(backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics, sync_tiers=sync)
+        tiers = build_tiers(config, access, metrics=metrics)
         return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
 
     def start(self) -> CacheEngine:
@@ -252,8 +221,7 @@ class CacheEngine:
         chunks = self.tiers.get([s.key for s, _ in plan], [w for _, w in plan]) if plan else []
         valid: list[tuple[ChunkSpan, int, Chunk]] = []
         for (span, where), chunk in zip(plan, chunks, strict=True):
-            if chunk is None:
-                self._count_invalid("unreadable")
+            if chunk is None:  # gone since lookup (evicted, removed elsewhere) or corrupt (the tier counts that)
                 break
             why = chunk.mismatch(span.key, arr[span.start : span.end], self.namespace.digest, self.layout)
             if why is not None:
@@ -262,8 +230,7 @@ class CacheEngine:
                 self.tiers.discard(span.key)
                 break
             valid.append((span, where, chunk))
-        for source in sorted({w for _, w, _ in valid if w > 0}):
-            self.tiers.promote([c for _, w, c in valid if w == source], source)
+        self.tiers.promote([(c, w) for _, w, c in valid])
         # The plan is contiguous from 0; chunks before ``start`` count as held without being read.
         n = min(limit, valid[-1][0].end if valid else skipped[-1][0].end if skipped else 0)
         first = valid[0][0].start if valid else start
@@ -308,9 +275,7 @@ class CacheEngine:
             parent = spans[-1].key if spans else None
             spans.append(next(partial_keys(self.namespace, parent, arr[:n], full_end)))
         keys = [s.key for s in spans]
-        where = self.tiers.locate(keys, count_misses=False)
-        queued = self.tiers.queued(keys) if self.tiers.sync_tiers == 0 else [False] * len(keys)
-        new = [s for s, w, q in zip(spans, where, queued, strict=True) if w is None and not q]
+        new = [s for s, absent in zip(spans, self.tiers.absent(keys), strict=True) if absent]
         chunks = [
             Chunk(
                 s.key,

@@ -20,3 +20,7 @@ class ModelError(KvtierError):
 
 class ChunkFormatError(KvtierError):
     """Bytes that claim to be a chunk are not a valid chunk (bad magic, header, length or checksum)."""
+
+
+class StorageError(KvtierError):
+    """A tier cannot be opened at all (e.g. its folder is not a usable directory); the message says which and why."""

@@ -82,6 +82,18 @@ def test_env_only_reads_kvtier_prefix() -> None:
     assert c.chunk_size == 256
 
 
+@pytest.mark.parametrize("name", ["KVTIER_NUMBA", "KVTIER_NO_VLLM"])
+def test_documented_switches_are_not_config_keys(name: str) -> None:
+    # README and docs/codecs.md document KVTIER_NUMBA=0; setup.sh reads KVTIER_NO_VLLM. Neither may break loading.
+    c = load_config(env={name: "0", "KVTIER_CHUNK_SIZE": "64"})
+    assert c.chunk_size == 64
+
+
+def test_kernel_switch_in_the_real_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVTIER_NUMBA", "0")
+    assert load_config().chunk_size == 256
+
+
 def test_env_bools_and_literals() -> None:
     c = load_config(env={"KVTIER_STORE_PARTIAL": "false", "KVTIER_L2__ENABLED": "0", "KVTIER_LOG_LEVEL": "DEBUG"})
     assert (c.store_partial, c.l2.enabled, c.log_level) == (False, False, "DEBUG")

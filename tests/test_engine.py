@@ -79,15 +79,15 @@ def _l1(engine: CacheEngine) -> MemoryBackend:
 
 def test_store_then_retrieve_returns_exactly_the_stored_kv(make_engine: EngineFactory, layout: KVLayout) -> None:
     engine = make_engine()
-    assert engine.tiers.names == ["cpu", "disk"]
+    assert engine.tiers.names == ["l1", "l2"]
     tokens, kv = _tokens(100), _kv(layout, 100)
     assert engine.store(tokens, kv) == StoreResult(
         stored_chunks=7, skipped_chunks=0, stored_tokens=100, rejected_chunks=0
     )
     result = engine.retrieve(tokens)
     assert result.num_tokens == 100
-    assert result.tier_tokens == {"cpu": 100, "disk": 0}
-    assert result.tiers == "cpu:100"
+    assert result.tier_tokens == {"l1": 100, "l2": 0}
+    assert result.tiers == "l1:100"
     _assert_kv(result.layers, kv, 100)
     kv.zero_()  # the cache copied the KV; the caller's tensor is its own
     assert torch.equal(engine.retrieve(tokens).layers[1][0], _kv(layout, 100)[1, 0])
@@ -123,12 +123,12 @@ def test_lookup(make_engine: EngineFactory, layout: KVLayout) -> None:
     tokens = _tokens(100)
     engine.store(tokens, _kv(layout, 100))
     order = _l1(engine).keys_lru_order()
-    assert engine.lookup(tokens) == LookupResult(100, {"cpu": 100, "disk": 0})
+    assert engine.lookup(tokens) == LookupResult(100, {"l1": 100, "l2": 0})
     assert engine.lookup(np.concatenate([tokens, _tokens(30, 1)])).num_tokens == 100
     assert engine.lookup(tokens[:50]).num_tokens == 48  # chunk 3 is not wholly in the query
     assert engine.lookup(tokens[:64]).num_tokens == 64
     other = engine.lookup(_tokens(100, 2))
-    assert (other.num_tokens, other.tier_tokens, other.tiers) == (0, {"cpu": 0, "disk": 0}, "none")
+    assert (other.num_tokens, other.tier_tokens, other.tiers) == (0, {"l1": 0, "l2": 0}, "none")
     assert engine.lookup([]).num_tokens == 0
     assert _l1(engine).keys_lru_order() == order  # a lookup changes no recency
     stats = engine.stats()
@@ -142,7 +142,7 @@ def test_lookup_after_write_behind_sees_disk_too(make_engine: EngineFactory, lay
     assert engine.flush(timeout=5)
     assert _disk(engine).stats().entries == 4
     _l1(engine).clear()
-    assert engine.lookup(tokens).tier_tokens == {"cpu": 0, "disk": 64}
+    assert engine.lookup(tokens).tier_tokens == {"l1": 0, "l2": 64}
 
 
 def test_max_tokens(make_engine: EngineFactory, layout: KVLayout) -> None:
@@ -163,7 +163,7 @@ def test_max_tokens(make_engine: EngineFactory, layout: KVLayout) -> None:
         assert engine.lookup(tokens, max_tokens=max_tokens).num_tokens == expected
         result = engine.retrieve(tokens, max_tokens=max_tokens)
         assert result.num_tokens == expected
-        assert result.tier_tokens == {"cpu": expected, "disk": 0}
+        assert result.tier_tokens == {"l1": expected, "l2": 0}
         if expected:
             _assert_kv(result.layers, kv, expected)
         else:
@@ -226,16 +226,16 @@ def test_fresh_engine_hits_disk_then_l1(make_engine: EngineFactory, layout: KVLa
     first.close()  # flushes the write-behind queue
 
     second = make_engine()
-    assert second.lookup(tokens).tier_tokens == {"cpu": 0, "disk": 100}
+    assert second.lookup(tokens).tier_tokens == {"l1": 0, "l2": 100}
     from_disk = second.retrieve(tokens)
-    assert (from_disk.num_tokens, from_disk.tier_tokens, from_disk.tiers) == (100, {"cpu": 0, "disk": 100}, "disk:100")
+    assert (from_disk.num_tokens, from_disk.tier_tokens, from_disk.tiers) == (100, {"l1": 0, "l2": 100}, "l2:100")
     _assert_kv(from_disk.layers, kv, 100)
-    assert second.lookup(tokens).tier_tokens == {"cpu": 100, "disk": 0}  # promoted
+    assert second.lookup(tokens).tier_tokens == {"l1": 100, "l2": 0}  # promoted
     from_l1 = second.retrieve(tokens)
-    assert from_l1.tier_tokens == {"cpu": 100, "disk": 0}
+    assert from_l1.tier_tokens == {"l1": 100, "l2": 0}
     _assert_kv(from_l1.layers, kv, 100)
     stats = second.stats()
-    assert (stats.retrieves, stats.query_tokens, stats.hit_tokens) == (2, 200, {"cpu": 100, "disk": 100})
+    assert (stats.retrieves, stats.query_tokens, stats.hit_tokens) == (2, 200, {"l1": 100, "l2": 100})
     assert stats.invalid_chunks == {}
 
 
@@ -247,9 +247,9 @@ def test_mixed_tiers_in_one_prefix(make_engine: EngineFactory, layout: KVLayout)
     spans = chunk_spans(engine.namespace, tokens, C)
     _l1(engine).delete([spans[2].key, spans[3].key])
     result = engine.retrieve(tokens)
-    assert result.tier_tokens == {"cpu": 32, "disk": 32}
+    assert result.tier_tokens == {"l1": 32, "l2": 32}
     _assert_kv(result.layers, kv, 64)
-    assert engine.lookup(tokens).tier_tokens == {"cpu": 64, "disk": 0}
+    assert engine.lookup(tokens).tier_tokens == {"l1": 64, "l2": 0}
 
 
 def _chunk_file(engine: CacheEngine, tokens: np.ndarray, index: int) -> Path:
@@ -272,12 +272,12 @@ def test_tampered_disk_file_gives_a_shorter_counted_hit(make_engine: EngineFacto
     assert second.lookup(tokens).num_tokens == 100  # the index cannot know yet
     result = second.retrieve(tokens)
     assert result.num_tokens == 32
-    assert result.tier_tokens == {"cpu": 0, "disk": 32}
+    assert result.tier_tokens == {"l1": 0, "l2": 32}
     _assert_kv(result.layers, kv, 32)
-    assert second.stats().invalid_chunks == {"unreadable": 1}
+    assert second.stats().invalid_chunks == {}  # not a wrong chunk: a damaged file, counted by its tier
     assert _disk(second).stats().corrupt == 1
     assert not path.exists()
-    assert second.lookup(tokens).tier_tokens == {"cpu": 32, "disk": 0}
+    assert second.lookup(tokens).tier_tokens == {"l1": 32, "l2": 0}
     # storing again repairs the hole
     assert second.store(tokens, kv) == StoreResult(1, 6, 16, 0)
     _assert_kv(second.retrieve(tokens).layers, kv, 100)
@@ -297,7 +297,7 @@ def _planted(namespace: Namespace, other: Namespace, tokens: np.ndarray, reason:
     return Chunk(span.key, None, digest, layout, ids, payload)
 
 
-@pytest.mark.parametrize("tier", [0, 1], ids=["cpu", "disk"])
+@pytest.mark.parametrize("tier", [0, 1], ids=["l1", "l2"])
 @pytest.mark.parametrize("reason", ["namespace", "layout", "tokens"])
 def test_planted_wrong_chunk_is_rejected_and_discarded(
     make_engine: EngineFactory, namespace: Namespace, layout: KVLayout, reason: str, tier: int
@@ -373,7 +373,7 @@ def test_out_buffer_is_filled_and_returned_as_views(make_engine: EngineFactory, 
 def test_single_tier_engines(make_engine: EngineFactory, layout: KVLayout) -> None:
     tokens, kv = _tokens(40), _kv(layout, 40)
     only_disk = make_engine(l1__enabled=False)
-    assert only_disk.tiers.names == ["disk"]
+    assert only_disk.tiers.names == ["l2"]
     assert only_disk.tiers.sync_tiers == 0  # without L1, disk I/O stays off the caller's thread
     disk = _disk(only_disk)
     gate = threading.Event()
@@ -385,16 +385,16 @@ def test_single_tier_engines(make_engine: EngineFactory, layout: KVLayout) -> No
     gate.set()
     assert only_disk.flush(10)
     result = only_disk.retrieve(tokens)
-    assert result.tier_tokens == {"disk": 40}
+    assert result.tier_tokens == {"l2": 40}
     _assert_kv(result.layers, kv, 40)
     only_l1 = make_engine(l2__enabled=False)
-    assert only_l1.tiers.names == ["cpu"]
+    assert only_l1.tiers.names == ["l1"]
     only_l1.store(tokens, kv)
-    assert only_l1.retrieve(tokens).tier_tokens == {"cpu": 40}
+    assert only_l1.retrieve(tokens).tier_tokens == {"l1": 40}
 
 
 def test_no_tier_is_an_error(tmp_path: Path, namespace: Namespace) -> None:
-    with pytest.raises(ValueError, match="at least one tier"):
+    with pytest.raises(ValueError, match="enable at least one of l1, l2 or l3"):
         CacheEngine.from_config(_config(tmp_path, l1__enabled=False, l2__enabled=False), namespace)
     with pytest.raises(ValueError):
         CacheEngine(namespace, None, chunk_size=0)  # type: ignore[arg-type]
@@ -497,4 +497,4 @@ def test_retrieve_from_start_skips_chunks_before_it(make_engine: EngineFactory, 
     assert hit.num_tokens == 3 * C
     assert torch.equal(hit.layers[0], kv[0, :, :, C:])
     assert engine.retrieve(tokens).num_tokens == 0  # read from 0, the damaged chunk ends the prefix
-    assert engine.stats().invalid_chunks == {"unreadable": 1}
+    assert _disk(engine).stats().corrupt == 1

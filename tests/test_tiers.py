@@ -57,6 +57,28 @@ class GatedBackend:
         self.inner.close()
 
 
+class RefusingBackend:
+    """A test double: a memory tier (in process or not) that refuses the keys in ``refuse`` and records offers."""
+
+    def __init__(self, name: str, *, in_process: bool, refuse: set[ChunkKey], read_only: bool = False) -> None:
+        self.inner = MemoryBackend(10**7, name=name)
+        self.name, self.in_process, self.read_only = name, in_process, read_only
+        self.refuse = refuse
+        self.offered: list[ChunkKey] = []
+        self.start, self.contains, self.get = self.inner.start, self.inner.contains, self.inner.get
+        self.delete, self.clear, self.stats, self.close = (
+            self.inner.delete,
+            self.inner.clear,
+            self.inner.stats,
+            self.inner.close,
+        )
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        assert not self.read_only, "a read-only tier was written"
+        self.offered.extend(c.key for c in chunks)
+        return [c.key not in self.refuse and self.inner.put([c])[0] for c in chunks]
+
+
 class FailingBackend:
     """A test double for a broken device: every put raises."""
 
@@ -117,7 +139,7 @@ def test_put_writes_l1_now_and_disk_after_flush(l1: MemoryBackend, disk: DiskBac
     keys = [c.key for c in chain]
     gate = threading.Event()
     with TierStack([l1, GatedBackend(disk, gate)], write_queue_bytes=10**7) as stack:
-        assert stack.names == ["cpu", "disk"]
+        assert stack.names == ["l1", "l2"]
         assert stack.put(chain) == 3
         assert l1.contains(keys) == [True] * 3
         assert disk.contains(keys) == [False] * 3
@@ -157,7 +179,7 @@ def test_promote_copies_into_l1(stack: TierStack, l1: MemoryBackend, disk: DiskB
     disk.put(chain)
     assert stack.locate(keys) == [1, 1]
     from_disk = stack.get(keys, [1, 1])
-    stack.promote(from_disk, 1)  # type: ignore[arg-type]
+    stack.promote([(c, 1) for c in from_disk])  # type: ignore[misc]
     assert l1.contains(keys) == [True, True]
     assert stack.locate(keys) == [0, 0]
     assert [torch.equal(a.payload, b.payload) for a, b in zip(l1.get(keys), chain, strict=True)] == [True, True]  # type: ignore[union-attr]
@@ -169,19 +191,19 @@ def test_promote_from_top_tier_or_nothing_is_a_no_op(
     stack: TierStack, l1: MemoryBackend, make_chain: MakeChain
 ) -> None:
     chunk = make_chain(_tokens(4, 4))[0]
-    stack.promote([chunk], 0)
-    stack.promote([], 1)
+    stack.promote([(chunk, 0)])
+    stack.promote([])
     assert l1.stats().entries == 0
 
 
 def test_promote_through_three_tiers(tmp_path: Path, make_chain: MakeChain) -> None:
-    top, mid = MemoryBackend(10**6, name="cpu"), MemoryBackend(10**6, name="mid")
+    top, mid = MemoryBackend(10**6, name="l1"), MemoryBackend(10**6, name="mid")
     bottom = DiskBackend(tmp_path / "chunks", 10**6)
     chain = make_chain(_tokens(8, 5))
     keys = [c.key for c in chain]
     with TierStack([top, mid, bottom], write_queue_bytes=10**6) as stack:
         bottom.put(chain)
-        stack.promote(stack.get(keys, [2, 2]), 2)  # type: ignore[arg-type]
+        stack.promote([(c, 2) for c in stack.get(keys, [2, 2])])  # type: ignore[misc]
         assert top.contains(keys) == [True, True]
         assert stack.flush(timeout=5)
         assert mid.contains(keys) == [True, True]
@@ -285,3 +307,47 @@ def test_constructor_validation(disk: DiskBackend) -> None:
         TierStack([], write_queue_bytes=1)
     with pytest.raises(ValueError, match="unique"):
         TierStack([MemoryBackend(10), MemoryBackend(10)], write_queue_bytes=1)
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["sync", "write-behind"])
+def test_orphans_are_refused_by_the_stack_for_any_tier(make_chain: MakeChain, in_process: bool) -> None:
+    """A chunk whose parent a tier refused is never offered to that tier; its siblings' chains are unaffected."""
+    chain = make_chain(_tokens(16, 21))  # 4 chunks: a root and three descendants
+    tier = RefusingBackend("t", in_process=in_process, refuse={chain[1].key})
+    with TierStack([tier], write_queue_bytes=10**7) as stack:
+        assert stack.sync_tiers == (1 if in_process else 0)
+        stack.put(chain)
+        assert stack.flush(timeout=5)
+        assert tier.offered == [chain[0].key, chain[1].key]
+        assert stack.locate([c.key for c in chain]) == [0, None, None, None]
+
+
+def test_read_only_tiers_are_never_written_or_promoted_into(make_chain: MakeChain) -> None:
+    chain = make_chain(_tokens(8, 22))
+    l1 = MemoryBackend(10**7)
+    frozen = RefusingBackend("ro", in_process=False, refuse=set(), read_only=True)
+    bottom = RefusingBackend("bottom", in_process=False, refuse=set())
+    with TierStack([l1, frozen, bottom], write_queue_bytes=10**7) as stack:
+        stack.put(chain)
+        bottom.inner.put(chain)
+        stack.promote([(c, 2) for c in chain])
+        assert stack.flush(timeout=5)
+    assert frozen.offered == []
+    assert bottom.offered == [c.key for c in chain]
+
+
+def test_in_process_tiers_must_come_first(disk: DiskBackend) -> None:
+    with pytest.raises(ValueError, match="in-process tiers must come before"):
+        TierStack([disk, MemoryBackend(10)], write_queue_bytes=1)
+
+
+def test_absent_counts_queued_writes_as_held(disk: DiskBackend, make_chain: MakeChain) -> None:
+    gate = threading.Event()
+    chain = make_chain(_tokens(8, 23))
+    with TierStack([GatedBackend(disk, gate)], write_queue_bytes=10**7) as stack:
+        assert stack.absent([c.key for c in chain]) == [True, True]
+        stack.put(chain[:1])
+        assert stack.absent([c.key for c in chain]) == [False, True]  # queued, not yet on disk
+        gate.set()
+        assert stack.flush(timeout=5)
+        assert stack.absent([c.key for c in chain]) == [False, True]

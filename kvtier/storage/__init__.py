@@ -1,8 +1,21 @@
-"""Storage tiers: backends (cpu, disk) and the tier stack that orders them."""
+"""Storage tiers: backends (memory, disk, Redis), the tier stack that owns tier policy, and the builder."""
 
-from kvtier.storage.base import BackendStats, StorageBackend
+from kvtier.storage.base import BackendStats, InProcess, ReadOnly, StorageBackend, Watching
+from kvtier.storage.builder import TierAccess, build_backends, build_tiers
 from kvtier.storage.cpu import MemoryBackend
 from kvtier.storage.disk import DiskBackend
 from kvtier.storage.tiers import TierStack
 
-__all__ = ["BackendStats", "DiskBackend", "MemoryBackend", "StorageBackend", "TierStack"]
+__all__ = [
+    "BackendStats",
+    "DiskBackend",
+    "InProcess",
+    "MemoryBackend",
+    "ReadOnly",
+    "StorageBackend",
+    "TierAccess",
+    "TierStack",
+    "Watching",
+    "build_backends",
+    "build_tiers",
+]

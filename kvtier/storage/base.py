@@ -1,4 +1,20 @@
-"""The narrow protocol every storage backend implements."""
+"""The narrow protocol every storage backend implements, and the optional abilities a backend may have.
+
+A backend stores chunks; it does not decide *when* it is written. Tier policy
+(which tiers are written on the caller's thread, promotion, refusing orphans,
+write-behind) is :class:`~kvtier.storage.tiers.TierStack`'s. What the stack
+needs to know about a backend beyond the protocol comes from small ability
+protocols, checked with ``isinstance`` against the protocol, never against a
+backend class:
+
+* :class:`InProcess` -- ``in_process`` True: the tier holds chunks in this
+  process's memory, so writing it costs no I/O and happens on the caller's
+  thread; every other tier is written in the background.
+* :class:`ReadOnly` -- ``read_only`` True: the tier was opened as an
+  observer; the stack never writes, promotes into or discards from it.
+* :class:`Watching` -- ``watch`` True: the tier notices chunks other
+  processes write to the same storage (a shared disk folder).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +41,36 @@ class BackendStats:
     evictions: int
     rejected_puts: int
     corrupt: int
+    stale: int = 0  # entries in an older chunk format: a counted miss, removed by a writer
+
+
+@runtime_checkable
+class InProcess(Protocol):
+    """A tier held in this process's memory: the stack writes it on the caller's thread."""
+
+    in_process: bool
+
+
+@runtime_checkable
+class ReadOnly(Protocol):
+    """A tier that may be opened read-only (never written, evicted, touched or deleted)."""
+
+    read_only: bool
+
+
+@runtime_checkable
+class Watching(Protocol):
+    """A tier that may notice chunks written by other processes to the same storage."""
+
+    watch: bool
+
+
+def is_in_process(backend: object) -> bool:
+    return isinstance(backend, InProcess) and backend.in_process
+
+
+def is_read_only(backend: object) -> bool:
+    return isinstance(backend, ReadOnly) and backend.read_only
 
 
 @runtime_checkable
@@ -53,7 +99,11 @@ class StorageBackend(Protocol):
         ...
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
-        """Store chunks (parents before children), evicting as needed; False where one was not stored."""
+        """Store chunks, evicting as needed; False where one was not stored.
+
+        Each chunk is judged on its own: whether a child of a refused chunk
+        should be stored is the stack's decision, not the backend's.
+        """
         ...
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:

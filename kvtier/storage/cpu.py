@@ -23,7 +23,10 @@ class MemoryBackend:
     budget) and decoded on every ``get``; the budget then counts encoded bytes.
     """
 
-    def __init__(self, max_bytes: int, *, codec: Codec | None = None, name: str = "cpu") -> None:
+    in_process = True  # written on the caller's thread (see TierStack)
+    read_only = False
+
+    def __init__(self, max_bytes: int, *, codec: Codec | None = None, name: str = "l1") -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.name = name
@@ -50,18 +53,13 @@ class MemoryBackend:
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         results: list[bool] = []
-        rejected: set[ChunkKey] = set()
         # encode outside the lock; None: the codec cannot encode this chunk (refused like a full tier)
         held = [encode_or_none(c, self.codec, self.name) if self.codec is not None else c for c in chunks]
         with self._lock:
             for chunk, form in zip(chunks, held, strict=True):
                 if form is None:
                     self._rejected += 1
-                # A child of a chunk this batch could not store would only push reachable prefixes out.
-                ok = form is not None and chunk.parent not in rejected and self._put_one(chunk, form)
-                if not ok:
-                    rejected.add(chunk.key)
-                results.append(ok)
+                results.append(form is not None and self._put_one(chunk, form))
         return results
 
     def _put_one(self, chunk: Chunk, held: Chunk | bytes) -> bool:

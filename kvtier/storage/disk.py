@@ -4,15 +4,22 @@ Files live at ``<root>/<k[:2]>/<key hex>.<parent hex or "root">.kvc`` so the
 index (key, parent, size, recency = mtime) comes back from a directory scan
 without opening any file. Writes go to ``<root>/.tmp`` and are renamed into
 place, so a torn write is never seen under a chunk's name. Every read checks
-the framing, the file's key, its length and the payload checksum; a file that
-fails is deleted and counted, and the read is a miss.
+the framing, the file's key, its length and the checksum; a file that fails
+is deleted and counted as corrupt, and the read is a miss. A file that
+vanishes before it is opened (evicted, removed by another process) is a plain
+miss: not corruption, and nothing is deleted. A file is only ever deleted for
+corruption if the name still points at the very file (inode) that was read,
+so a valid file written under the same name meanwhile is never lost.
 
 Several processes may share one directory (vLLM's scheduler and worker do):
 ``watch=True`` makes ``contains`` notice files other processes added or
 removed, by re-listing a ``<k[:2]>`` folder when its mtime moved (one
 ``stat`` per folder and call otherwise). ``read_only=True`` opens the folder
 as an observer: it never writes, evicts, touches or deletes a file, so a
-process that only looks up (the scheduler) cannot fight the writer's budget.
+process that only looks up (the scheduler) cannot fight the writer's budget;
+it creates nothing either (a missing folder is an empty tier). A writer's
+``start`` removes only temporary files of writers that are gone (their pid
+is not running), never another live process's in-flight write.
 """
 
 from __future__ import annotations
@@ -28,28 +35,37 @@ from pathlib import Path
 from kvtier.chunk import (
     PREFIX_BYTES,
     Chunk,
-    ChunkHeader,
     decode_header,
     decode_payload,
     encode_parts,
     header_length,
 )
 from kvtier.codec import Codec
-from kvtier.errors import ChunkFormatError
+from kvtier.errors import ChunkFormatError, StorageError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import BackendStats
+from kvtier.storage.files import (
+    ROOT_PARENT,
+    SUFFIX,
+    drop_page_cache,
+    parse_name,
+    read_payload,
+    remove_orphaned_tmp,
+    subdirs,
+    touch_file,
+)
 
 log = logging.getLogger(__name__)
 
-_SUFFIX = ".kvc"
-_ROOT_PARENT = "root"
 _HEAD_READ = 1 << 16
 _RACE_NS = 50_000_000  # 50 ms: longer than a filesystem timestamp tick
 
 
 class DiskBackend:
     """A directory of chunk files. Thread-safe; file I/O runs outside the index lock."""
+
+    in_process = False  # file I/O: written by TierStack's background writer
 
     def __init__(
         self,
@@ -58,7 +74,7 @@ class DiskBackend:
         *,
         fsync: bool = False,
         codec: Codec | None = None,
-        name: str = "disk",
+        name: str = "l2",
         watch: bool = False,
         read_only: bool = False,
         read_threads: int | None = None,
@@ -93,7 +109,7 @@ class DiskBackend:
 
     def _path(self, key: ChunkKey, parent: ChunkKey | None) -> Path:
         h = key.hex()
-        return self.root / h[:2] / f"{h}.{parent.hex() if parent is not None else _ROOT_PARENT}{_SUFFIX}"
+        return self.root / h[:2] / f"{h}.{parent.hex() if parent is not None else ROOT_PARENT}{SUFFIX}"
 
     def _path_of(self, key: ChunkKey) -> Path:
         return self._path(key, self._parents[key])
@@ -105,16 +121,15 @@ class DiskBackend:
         with self._lock:
             if self._started:
                 return
-            if self.read_only:
-                self.root.mkdir(parents=True, exist_ok=True)
-            else:
-                (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
-                for stale in (self.root / ".tmp").iterdir():
-                    stale.unlink(missing_ok=True)
-            found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
-            for sub in os.scandir(self.root):
-                if sub.is_dir() and len(sub.name) == 2:
-                    found.extend(self._list_dir(sub.name))
+            try:
+                if not self.read_only:
+                    (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+                    remove_orphaned_tmp(self.root / ".tmp")
+                found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
+                for sub in subdirs(self.root, missing_ok=self.read_only):
+                    found.extend(self._list_dir(sub))
+            except OSError as exc:
+                raise StorageError(f"disk tier {self.root}: cannot open: {exc.strerror or exc}") from exc
             for _, key, parent, size in sorted(found, key=lambda f: f[0]):
                 self._index(key, parent, size)
             victims = [] if self.read_only else self._lru.plan_eviction(0, self.max_bytes) or []
@@ -152,7 +167,7 @@ class DiskBackend:
         try:
             dir_mtime = os.stat(path).st_mtime_ns
             for entry in os.scandir(path):
-                parsed = _parse_name(entry.name)
+                parsed = parse_name(entry.name)
                 if parsed is None:
                     continue
                 try:
@@ -207,7 +222,7 @@ class DiskBackend:
             self._lru.touch(hits)
             for key in reversed(hits):  # ancestors get the later mtime, as in the LRU
                 if self._present(key):
-                    _touch_file(self._path_of(key), self._next_mtime())
+                    touch_file(self._path_of(key), self._next_mtime())
         return found
 
     def _next_mtime(self) -> int:
@@ -232,8 +247,10 @@ class DiskBackend:
         return found
 
     def _read(self, key: ChunkKey, path: Path) -> Chunk | None:
+        inode = None
         try:
             with open(path, "rb", buffering=0) as f:
+                inode = os.fstat(f.fileno()).st_ino
                 head = f.read(_HEAD_READ)
                 needed = header_length(head[:PREFIX_BYTES])
                 if needed > len(head):
@@ -244,35 +261,43 @@ class DiskBackend:
                 size = os.fstat(f.fileno()).st_size
                 if size != header.offset + header.payload_len:
                     raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
-                payload = _read_payload(f, head, header)
+                payload = read_payload(f, head, header)
             return decode_payload(header, payload)
         except FileNotFoundError:
-            self._drop(key, path, "file vanished")
+            self._vanished(key, path)
         except (ChunkFormatError, OSError) as exc:
-            self._drop(key, path, str(exc))
+            if inode is None:  # could not even open it: not evidence of damage
+                log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
+            else:
+                self._drop(key, path, inode, str(exc))
         return None
 
-    def _drop(self, key: ChunkKey, path: Path, reason: str) -> None:
-        log.warning("disk tier: dropping chunk %s: %s", key.hex()[:16], reason)
+    def _vanished(self, key: ChunkKey, path: Path) -> None:
+        """A file gone before it was opened: a plain miss. Forget it only if it is still gone."""
         with self._lock:
+            if self._present(key) and self._path_of(key) == path and not path.exists():
+                self._forget(key)
+
+    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str) -> None:
+        """``path`` (inode ``inode``) failed verification: count it, and remove it if the name still points there."""
+        with self._lock:
+            try:
+                same = os.stat(path).st_ino == inode
+            except OSError:
+                same = False
+            if not same:  # replaced or removed since it was read: the name now holds another file, or nothing
+                return
+            log.warning("%s tier: dropping chunk %s: %s", self.name, key.hex()[:16], reason)
             self._corrupt += 1
             if self._present(key):
                 self._forget(key)
-        if not self.read_only:
-            path.unlink(missing_ok=True)
+            if not self.read_only:
+                path.unlink(missing_ok=True)
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         if self.read_only:
             raise ValueError(f"disk tier {self.root} is open read-only: put is not allowed")
-        results: list[bool] = []
-        rejected: set[ChunkKey] = set()
-        for chunk in chunks:
-            # A child of a chunk this batch could not store would only push reachable prefixes out.
-            ok = chunk.parent not in rejected and self._put_one(chunk)
-            if not ok:
-                rejected.add(chunk.key)
-            results.append(ok)
-        return results
+        return [self._put_one(chunk) for chunk in chunks]
 
     def _put_one(self, chunk: Chunk) -> bool:
         try:
@@ -287,7 +312,7 @@ class DiskBackend:
             if chunk.key in self._lru:
                 self._lru.touch([chunk.key])
                 if chunk.key not in self._pending:
-                    _touch_file(self._path_of(chunk.key), self._next_mtime())
+                    touch_file(self._path_of(chunk.key), self._next_mtime())
                 return True
             self._index(chunk.key, chunk.parent, size)
             victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key, *self._pending])
@@ -312,7 +337,7 @@ class DiskBackend:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
             with self._lock:
-                _touch_file(path, self._next_mtime())
+                touch_file(path, self._next_mtime())
         except OSError as exc:
             log.warning("disk tier: write of %s failed: %s", chunk.key.hex()[:16], exc)
             tmp.unlink(missing_ok=True)
@@ -351,18 +376,7 @@ class DiskBackend:
 
     def drop_page_cache(self) -> int:
         """Ask the kernel to drop the chunk files from the page cache (for cold-read measurements)."""
-        dropped = 0
-        for path in self.files():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                dropped += 1
-            finally:
-                os.close(fd)
-        return dropped
+        return drop_page_cache(self.files())
 
     def stats(self) -> BackendStats:
         with self._lock:
@@ -375,38 +389,3 @@ class DiskBackend:
                 self._rejected,
                 self._corrupt,
             )
-
-
-def _parse_name(name: str) -> tuple[ChunkKey, ChunkKey | None] | None:
-    if not name.endswith(_SUFFIX):
-        return None
-    parts = name[: -len(_SUFFIX)].split(".")
-    if len(parts) != 2:
-        return None
-    try:
-        key = ChunkKey.from_hex(parts[0])
-        parent = None if parts[1] == _ROOT_PARENT else ChunkKey.from_hex(parts[1])
-    except ValueError:
-        return None
-    return key, parent
-
-
-def _read_payload(f, head: bytes, header: ChunkHeader) -> bytearray:
-    buf = bytearray(header.payload_len)
-    view = memoryview(buf)
-    already = head[header.offset : header.offset + header.payload_len]
-    view[: len(already)] = already
-    pos = len(already)
-    while pos < len(buf):
-        n = f.readinto(view[pos:])
-        if not n:
-            raise ChunkFormatError("file truncated")
-        pos += n
-    return buf
-
-
-def _touch_file(path: Path, mtime_ns: int) -> None:
-    try:
-        os.utime(path, ns=(mtime_ns, mtime_ns))
-    except OSError:
-        pass

@@ -1,13 +1,23 @@
-"""The tier stack: L1 -> L2 (-> L3), with promotion and bounded write-behind.
+"""The tier stack: every tier policy decision, in one place.
 
-* ``put`` writes the first ``sync_tiers`` tiers synchronously (1: the memory
-  tier; 0 when there is none, so disk and Redis I/O never run on the caller's
-  thread) and queues the chunks for the other tiers on one background writer
-  thread. The queue is bounded in bytes:
-  when it is full the write is dropped and counted, never waited for, so a
-  slow disk cannot stall inference.
-* ``locate`` answers from the tiers' in-memory indexes, top tier first.
-* ``promote`` copies chunks found in a lower tier into the tiers above it.
+Tiers are ordered fastest first. The stack decides, for every backend:
+
+* **who is written when.** In-process tiers (:class:`~kvtier.storage.base.InProcess`,
+  the memory tier) are written on the caller's thread; every other tier
+  (disk, Redis) by one background writer thread, so no disk or network I/O
+  runs in ``put``. The queue is bounded in bytes: when it is full the write
+  is dropped and counted, never waited for, so a slow disk cannot stall
+  inference. Read-only tiers (:class:`~kvtier.storage.base.ReadOnly`) are
+  never written.
+* **orphans.** Chunks are written parents first; a chunk whose parent the
+  same tier refused in the same call is refused too, without asking the
+  tier (it would only push reachable prefixes out). One rule, every tier.
+* **promotion.** A chunk read from a lower tier is copied into the writable
+  tiers above it: in-process ones now, the others through the queue.
+* **what counts as held.** ``absent`` is "no tier holds it and no queued
+  write will": ``CacheEngine.store`` encodes only those.
+
+``locate`` answers from the tiers' in-memory indexes, top tier first.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from dataclasses import dataclass
 from kvtier.chunk import Chunk
 from kvtier.keys import ChunkKey
 from kvtier.metrics import KvtierMetrics
-from kvtier.storage.base import BackendStats, StorageBackend
+from kvtier.storage.base import BackendStats, StorageBackend, is_in_process, is_read_only
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +48,28 @@ _STOP = object()
 
 
 class TierStack:
-    """An ordered list of backends, fastest first. Thread-safe."""
+    """An ordered list of backends, fastest first. Thread-safe.
+
+    In-process tiers must come first (a memory tier below a disk tier would
+    be written before the disk tier it caches): anything else is a ValueError.
+    """
 
     def __init__(
-        self,
-        tiers: Sequence[StorageBackend],
-        *,
-        write_queue_bytes: int,
-        metrics: KvtierMetrics | None = None,
-        sync_tiers: int = 1,
+        self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int, metrics: KvtierMetrics | None = None
     ) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
-        if not 0 <= sync_tiers <= len(tiers):
-            raise ValueError(f"sync_tiers must be in [0, {len(tiers)}], got {sync_tiers}")
-        self.sync_tiers = sync_tiers
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
+        in_process = [is_in_process(t) for t in tiers]
+        self.sync_tiers = next((i for i, p in enumerate(in_process) if not p), len(tiers))
+        if any(in_process[self.sync_tiers :]):
+            raise ValueError(f"in-process tiers must come before the others, got {names}")
+        if write_queue_bytes <= 0:
+            raise ValueError(f"write_queue_bytes must be positive, got {write_queue_bytes}")
         self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
+        self._writable = tuple(not is_read_only(t) for t in tiers)
         self.write_queue_bytes = write_queue_bytes
         self.metrics = metrics if metrics is not None else KvtierMetrics()
         self.metrics.watch_backends(self.stats)
@@ -74,11 +87,21 @@ class TierStack:
     def names(self) -> list[str]:
         return [t.name for t in self.tiers]
 
+    def _sync(self, below: int | None = None) -> list[int]:
+        """Writable in-process tiers (above ``below``)."""
+        end = self.sync_tiers if below is None else min(self.sync_tiers, below)
+        return [i for i in range(end) if self._writable[i]]
+
+    def _background(self, below: int | None = None) -> tuple[int, ...]:
+        """Writable tiers written by the background thread (above ``below``)."""
+        end = len(self.tiers) if below is None else below
+        return tuple(i for i in range(self.sync_tiers, end) if self._writable[i])
+
     def start(self) -> None:
         """Start every backend and the writer thread. Idempotent."""
         for t in self.tiers:
             t.start()
-        if self._writer is None and len(self.tiers) > self.sync_tiers:
+        if self._writer is None and self._background():
             self._writer = threading.Thread(target=self._write_loop, name="kvtier-write-behind", daemon=True)
             self._writer.start()
 
@@ -121,8 +144,18 @@ class TierStack:
                 self.metrics.misses.labels(tier.name).inc(len(todo))
         return where
 
+    def absent(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which keys no tier holds and no queued write is about to store (what a ``put`` should add)."""
+        where = self.locate(keys, count_misses=False)
+        with self._lock:
+            return [w is None and k not in self._queued_keys for k, w in zip(keys, where, strict=True)]
+
     def get(self, keys: Sequence[ChunkKey], where: Sequence[int]) -> list[Chunk | None]:
-        """Fetch each key from the tier ``where`` says holds it (one batched call per tier)."""
+        """Fetch each key from the tier ``where`` says holds it (one batched call per tier).
+
+        None where the tier no longer has it (evicted, removed by another
+        process) or it proved corrupt (the tier counts that).
+        """
         found: list[Chunk | None] = [None] * len(keys)
         for ti, tier in enumerate(self.tiers):
             idx = [i for i, w in enumerate(where) if w == ti]
@@ -136,41 +169,60 @@ class TierStack:
                 self.metrics.bytes_read.labels(tier.name).inc(sum(c.payload.nbytes for c in hits))
         return found
 
-    def _put(self, ti: int, chunks: Sequence[Chunk]) -> int:
-        tier = self.tiers[ti]
-        with self.metrics.timed(tier.name, "put"):
-            accepted = tier.put(chunks)
-        self.metrics.bytes_written.labels(tier.name).inc(
-            sum(c.payload.nbytes for c, ok in zip(chunks, accepted, strict=True) if ok)
-        )
-        return sum(accepted)
-
     def discard(self, key: ChunkKey) -> None:
-        """Remove a key from every tier (used when a chunk proves to be wrong)."""
+        """Remove a key from every tier (used when a chunk proves to be wrong); read-only tiers only forget it."""
         for t in self.tiers:
             t.delete([key])
 
     # -- writes ------------------------------------------------------------------------------------------------
 
-    def put(self, chunks: Sequence[Chunk]) -> int:
-        """Store new chunks: the first ``sync_tiers`` tiers now, the rest in the background.
+    def _put(self, ti: int, chunks: Sequence[Chunk]) -> int:
+        """Write ``chunks`` (parents first) to tier ``ti``, one at a time; children of a refused chunk are refused.
 
-        Returns how many chunks the first tier took (with ``sync_tiers=0``: how
-        many were queued; a full queue drops them, counted in ``dropped_writes``).
+        Returns how many the tier holds afterwards.
+        """
+        tier = self.tiers[ti]
+        refused: set[ChunkKey] = set()
+        accepted = 0
+        written = 0
+        with self.metrics.timed(tier.name, "put"):
+            for chunk in chunks:
+                if chunk.parent is not None and chunk.parent in refused:
+                    refused.add(chunk.key)
+                    continue
+                if tier.put([chunk])[0]:
+                    accepted += 1
+                    written += chunk.payload.nbytes
+                else:
+                    refused.add(chunk.key)
+        self.metrics.bytes_written.labels(tier.name).inc(written)
+        return accepted
+
+    def put(self, chunks: Sequence[Chunk]) -> int:
+        """Store new chunks (parents first): in-process tiers now, the rest in the background.
+
+        Returns how many chunks the first writable tier took (when that tier
+        is written in the background: how many were queued; a full queue
+        drops them, counted in ``dropped_writes``).
         """
         if not chunks:
             return 0
-        accepted = [self._put(ti, chunks) for ti in range(self.sync_tiers)]
-        queued = self._enqueue(chunks, tuple(range(self.sync_tiers, len(self.tiers))))
+        accepted = [self._put(ti, chunks) for ti in self._sync()]
+        queued = self._enqueue(chunks, self._background())
         return accepted[0] if accepted else (len(chunks) if queued else 0)
 
-    def promote(self, chunks: Sequence[Chunk], source_tier: int) -> None:
-        """Copy chunks read from ``source_tier`` into the tiers above it (the synchronous ones now)."""
-        if source_tier <= 0 or not chunks:
-            return
-        for ti in range(min(self.sync_tiers, source_tier)):
-            self._put(ti, chunks)
-        self._enqueue(chunks, tuple(range(self.sync_tiers, source_tier)))
+    def promote(self, found: Sequence[tuple[Chunk, int]]) -> None:
+        """Copy chunks read from lower tiers into the writable tiers above where each was found.
+
+        ``found`` pairs each (verified) chunk with the index of the tier it was
+        read from, in prefix order. In-process tiers are written now, the
+        others through the write-behind queue.
+        """
+        for source in sorted({ti for _, ti in found if ti > 0}):
+            chunks = [c for c, ti in found if ti == source]
+            for ti in self._sync(below=source):
+                self._put(ti, chunks)
+            self._enqueue(chunks, self._background(below=source))
 
     def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> bool:
         if not tiers:

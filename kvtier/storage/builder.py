@@ -1,0 +1,98 @@
+"""The one place where the configured tiers become backends: used by the engine, the adapters and the CLI.
+
+A process says *how* it opens the tiers with a :class:`TierAccess`, never
+which engine or process role it is: vLLM's scheduler is an observer
+(``TierAccess.observer()``), its worker shares a disk folder with the
+scheduler (``TierAccess.shared()``), ``kvtier stats`` inspects
+(``TierAccess.inspect()``). Each tier is named after its config section
+(``l1``, ``l2``, ``l3``): that one name is what metrics, logs,
+``LookupResult.tier_tokens`` and the docs use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvtier.codec import get_codec
+from kvtier.config import KvtierConfig
+from kvtier.metrics import KvtierMetrics
+from kvtier.storage.base import StorageBackend
+from kvtier.storage.cpu import MemoryBackend
+from kvtier.storage.disk import DiskBackend
+from kvtier.storage.tiers import TierStack
+
+
+@dataclass(frozen=True)
+class TierAccess:
+    """How this process opens the configured tiers.
+
+    ``memory``: build the in-process tier (``l1``) if the config enables it.
+    ``read_only``: persistent tiers are never written, evicted, touched or
+    deleted, and nothing is created (an observer cannot fight a writer's budget).
+    ``watch``: tiers shared with other processes (the disk folder) notice what
+    those processes write.
+    """
+
+    memory: bool = True
+    read_only: bool = False
+    watch: bool = False
+
+    @classmethod
+    def observer(cls) -> TierAccess:
+        """Lookups only, next to a writer in another process (vLLM's scheduler)."""
+        return cls(memory=False, read_only=True, watch=True)
+
+    @classmethod
+    def shared(cls) -> TierAccess:
+        """A writer whose disk folder other processes read or write too (vLLM's worker)."""
+        return cls(memory=True, read_only=False, watch=True)
+
+    @classmethod
+    def inspect(cls) -> TierAccess:
+        """A one-shot look at persistent tiers (``kvtier stats``): read-only, no memory tier."""
+        return cls(memory=False, read_only=True, watch=False)
+
+
+def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> list[StorageBackend]:
+    """The backends ``config`` enables, fastest first, opened as ``access`` says (not started).
+
+    Raises ValueError if that leaves no tier.
+    """
+    backends: list[StorageBackend] = []
+    if config.l1.enabled and access.memory:
+        backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec), name="l1"))
+    if config.l2.enabled:
+        backends.append(
+            DiskBackend(
+                config.chunk_dir,
+                int(config.l2.max_bytes),
+                fsync=config.l2.fsync,
+                codec=get_codec(config.l2.codec),
+                name="l2",
+                watch=access.watch,
+                read_only=access.read_only,
+            )
+        )
+    if config.l3.enabled:
+        from kvtier.storage.redis import RedisBackend  # redis-py is optional
+
+        backends.append(
+            RedisBackend(
+                config.l3,
+                tenant=config.tenant,
+                codec=get_codec(config.l3.codec),
+                name="l3",
+                read_only=access.read_only,
+            )
+        )
+    if not backends:
+        enabled = "l2 or l3" if not access.memory else "l1, l2 or l3"
+        raise ValueError(f"no tier to open: enable at least one of {enabled}")
+    return backends
+
+
+def build_tiers(
+    config: KvtierConfig, access: TierAccess = TierAccess(), *, metrics: KvtierMetrics | None = None
+) -> TierStack:
+    """A :class:`TierStack` over :func:`build_backends` (not started)."""
+    return TierStack(build_backends(config, access), write_queue_bytes=int(config.write_queue_bytes), metrics=metrics)
