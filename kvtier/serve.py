@@ -7,11 +7,14 @@ endpoint vLLM has is there: ``/v1/completions``, ``/v1/chat/completions``
 ``--kv-transfer-config`` that loads :class:`kvtier.adapters.vllm.KvtierConnector`
 and the CPU settings this build needs (fp32, eager mode). The kvtier
 configuration (``--config``, ``--set``, ``KVTIER_*``) is checked here, before
-vLLM starts, and handed to the connector in both of vLLM's processes.
+vLLM starts, and handed to the connector in both of vLLM's processes. So
+that the connector's ``kvtier.*`` logs show up next to vLLM's, the server
+gets a vLLM logging config with a ``kvtier`` logger (:func:`vllm_logging_env`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -139,7 +142,37 @@ def prepare(
 
         folder_fingerprint(model_dir, config.cache_dir)  # once here, then both vLLM processes read the memo
     name = options.served_model_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
-    return build_command(model_dir, name, options, config_file, overrides), build_env(options, os.environ)
+    env = build_env(options, os.environ)
+    if options.kvtier:
+        env = vllm_logging_env(config, env)
+    return build_command(model_dir, name, options, config_file, overrides), env
+
+
+def vllm_logging_env(config: KvtierConfig, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` plus ``VLLM_LOGGING_CONFIG_PATH`` naming a file with vLLM's logging config and a ``kvtier`` logger.
+
+    vLLM configures only its own ``vllm`` logger, from a logging dict-config
+    (JSON) file when that variable names one, in each of its processes. The
+    file written here (into ``cache_dir``, named by its content) is vLLM's
+    default config as it stands in this process's environment, plus the
+    ``kvtier`` logger at ``config.log_level`` on a handler like vLLM's. ``env``
+    is returned unchanged when it already names a config file or turns vLLM's
+    logging set-up off (``VLLM_CONFIGURE_LOGGING=0``, where vLLM refuses one).
+    """
+    from kvtier.adapters.vllm import compat
+
+    out = dict(env)
+    if out.get(compat.LOGGING_CONFIG_ENV) or not compat.configures_logging(out):
+        return out
+    text = json.dumps(compat.logging_config(config.log_level), indent=1, sort_keys=True) + "\n"
+    path = Path(config.cache_dir) / f"vllm-logging-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    out[compat.LOGGING_CONFIG_ENV] = str(path)
+    return out
 
 
 def run(argv: Sequence[str], env: Mapping[str, str]) -> None:

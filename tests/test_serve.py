@@ -65,3 +65,52 @@ def test_bad_settings_are_refused_before_vllm_starts(printed, args, message):
     rc, argv, err = printed(*args)
     assert rc == 2 and argv == []
     assert message in err
+
+
+def test_only_compat_reaches_into_vllm():
+    """kvtier talks to vLLM through adapters/vllm/compat.py and the public connector base class only."""
+    import ast
+    from pathlib import Path
+
+    import kvtier
+
+    root = Path(kvtier.__file__).parent
+    base = "vllm.distributed.kv_transfer.kv_connector.v1.base"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        if rel == "kvtier/adapters/vllm/compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), rel)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            offenders += [
+                f"{rel}:{node.lineno} {n}" for n in names if (n == "vllm" or n.startswith("vllm.")) and n != base
+            ]
+    assert offenders == []
+
+
+def test_vllm_logging_env_adds_a_kvtier_logger_to_vllms_config(tmp_path):
+    pytest.importorskip("vllm", reason="the logging config starts from vLLM's own")
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    from kvtier.config import load_config
+    from kvtier.serve import vllm_logging_env
+
+    config = load_config(env={}, overrides={"cache_dir": str(tmp_path), "log_level": "DEBUG"})
+    env = vllm_logging_env(config, {"PATH": "/bin"})
+    path = env.pop("VLLM_LOGGING_CONFIG_PATH")
+    assert env == {"PATH": "/bin"} and path.startswith(str(tmp_path))
+    written = json.loads(open(path).read())
+    assert written["loggers"]["kvtier"] == {"handlers": ["kvtier"], "level": "DEBUG", "propagate": False}
+    assert written["handlers"]["kvtier"]["level"] == "DEBUG"
+    assert written["loggers"]["vllm"] == DEFAULT_LOGGING_CONFIG["loggers"]["vllm"]
+    assert written["handlers"]["vllm"] == DEFAULT_LOGGING_CONFIG["handlers"]["vllm"]
+    assert vllm_logging_env(config, {})["VLLM_LOGGING_CONFIG_PATH"] == path  # same content, same file
+    # The user's own file, or vLLM's logging set-up turned off (a file would then be refused): left alone.
+    for mine in ({"VLLM_LOGGING_CONFIG_PATH": "/mine.json"}, {"VLLM_CONFIGURE_LOGGING": "0"}):
+        assert vllm_logging_env(config, mine) == mine

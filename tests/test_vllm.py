@@ -212,6 +212,8 @@ def test_serve_answers_completions_and_stores_per_tenant(server):
     again = _post(base + "/v1/completions", {**body, "cache_salt": "tenant-x"})  # another tenant: its own chunks
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
     assert _chunk_files(chunks, 2 * stored) == 2 * stored
+    logs = log_path.read_text()  # the connector's own logs, in both vLLM processes, through vLLM's logging config
+    assert "kvtier connector (scheduler)" in logs and "kvtier connector (worker)" in logs
 
 
 def test_serve_chat_completions_plain_and_streaming(server):

@@ -18,6 +18,13 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if spec.get("kvtier") is not None:
+        # The connector configures no logging; like any LLM(...) embedder, show its logs via vLLM's config file.
+        from kvtier.config import load_config
+        from kvtier.serve import vllm_logging_env
+
+        kv = spec["kvtier"]
+        os.environ.update(vllm_logging_env(load_config(kv.get("config"), overrides=kv.get("set") or {}), os.environ))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

@@ -10,9 +10,19 @@ Load it in vLLM with::
         "kv_connector_extra_config": {"config": "/path/kvtier.toml", "set": {"l2.max_bytes": "20GB"}},
     }
 
-or run ``kvtier serve``, which does this for you. ``paged`` (layout
-conversions) imports without vLLM; ``KvtierConnector`` needs vLLM installed
-(the ``vllm`` extra) and is imported on first access.
+or run ``kvtier serve``, which does this for you (and makes the connector's
+logs show up in vLLM's output; with ``LLM(...)`` configure logging yourself,
+see :mod:`.connector`). ``KvtierConnector`` needs vLLM installed (the
+``vllm`` extra) and is imported on first access; importing this package
+changes nothing, logging included.
+
+Modules, one job each: ``connector`` (the facade vLLM loads), ``settings``
+(what both sides derive from vLLM's and kvtier's config), ``tenants``
+(``cache_salt`` -> tenant engine), ``metadata`` (the step's loads and stores),
+``scheduler`` and ``worker`` (the two sides), ``stats`` (worker counters,
+``/metrics``), ``paged`` (vLLM's paged blocks <-> chunks; no vLLM import) and
+``compat``: the only module that uses vLLM beyond the public connector base
+class, so a new vLLM version is a change there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,46 @@
+"""The step metadata the scheduler side sends the worker side (pickled by vLLM with each step).
+
+Only what is here crosses between the processes: the worker never sees a
+vLLM ``Request``, so each op carries its token ids, block ids and salt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass
+class LoadOp:
+    """Write kvtier's KV for positions [start, end) of ``tokens`` into the request's blocks."""
+
+    req_id: str
+    tokens: list[int]
+    start: int
+    end: int
+    block_ids: list[int]
+    cache_salt: str | None
+
+
+@dataclass
+class StoreOp:
+    """Store the chunks of ``tokens`` (all computed) read from the request's blocks.
+
+    ``final``: the request has finished and its blocks are held for this store;
+    the worker reports it in ``get_finished`` so vLLM frees them.
+    """
+
+    req_id: str
+    tokens: list[int]
+    block_ids: list[int]
+    cache_salt: str | None
+    final: bool = False
+
+
+@dataclass
+class KvtierMetadata(KVConnectorMetadata):
+    """One step's work for the worker: loads before the forward, stores after it."""
+
+    loads: list[LoadOp] = field(default_factory=list)
+    stores: list[StoreOp] = field(default_factory=list)
