@@ -7,13 +7,14 @@ import json
 import logging
 import shlex
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
 
+from kvtier import maintenance
 from kvtier.config import KvtierConfig, load_config, parse_overrides
 from kvtier.errors import KvtierError
+from kvtier.maintenance import PERSISTENT_TIERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,10 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="ask two questions about a long document, cold then warm")
     demo.add_argument("--document", type=Path, help="a UTF-8 text file to ask about (default: Python's LICENSE.txt)")
     demo.add_argument("--max-new-tokens", type=int, default=48)
-    stats = sub.add_parser("stats", parents=[common], help="show the on-disk chunk cache")
+    stats = sub.add_parser(
+        "stats", parents=[common], help="show the persistent tiers (read-only: safe next to running engines)"
+    )
     stats.add_argument("--json", action="store_true", help="print JSON")
-    clear = sub.add_parser("clear", parents=[common], help="delete every chunk of the on-disk cache")
-    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    clear = sub.add_parser("clear", parents=[common], help="delete every chunk of the persistent tiers")
+    clear.add_argument(
+        "--tier",
+        action="append",
+        choices=PERSISTENT_TIERS,
+        help="clear only this tier (repeatable; default: every enabled persistent tier)",
+    )
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation (required without a terminal)")
     sub.add_parser("model", parents=[common], help="resolve (convert once) the configured model and print its folder")
     serve = sub.add_parser(
         "serve",
@@ -93,17 +102,45 @@ def _serve(args: argparse.Namespace, config: KvtierConfig) -> None:
     serve.run(argv, env)
 
 
-def _disk(config: KvtierConfig):
-    from kvtier.storage import DiskBackend
+def _stats(args: argparse.Namespace, config: KvtierConfig, console: Console) -> None:
+    reports = maintenance.stats(config)
+    if args.json:
+        print(json.dumps({"tiers": [r.to_dict() for r in reports]}, indent=2))
+        return
+    if not reports:
+        console.print("no persistent tier is enabled (l2, l3)")
+    for r in reports:
+        if r.entries is None:
+            console.print(f"{r.name}: {r.where}: shared store, not counted here (ask the server, e.g. INFO memory)")
+        else:
+            budget = f"{r.max_bytes / 1e9:.1f} GB budget"
+            console.print(f"{r.name}: {r.where}: {r.entries} chunks, {(r.used_bytes or 0) / 1e6:.1f} MB of {budget}")
 
-    disk = DiskBackend(config.chunk_dir, int(config.l2.max_bytes))
-    disk.start()
-    return disk
+
+def _clear(args: argparse.Namespace, config: KvtierConfig, console: Console) -> int:
+    enabled = maintenance.enabled_tiers(config)
+    chosen = list(dict.fromkeys(args.tier or enabled))
+    for name in maintenance.PERSISTENT_TIERS:
+        if name not in chosen:
+            why = "not enabled" if name not in enabled else "not in --tier"
+            console.print(f"{name}: left alone ({why})")
+    if not chosen:
+        return 0
+    targets = "\n".join(f"  {name}: {maintenance.describe(config, name)}" for name in chosen)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise KvtierError(f"clear would delete every chunk of:\n{targets}\nstdin is not a terminal: pass --yes")
+        if input(f"delete every chunk of:\n{targets}\n[y/N] ").strip().lower() != "y":
+            console.print("nothing deleted")
+            return 1
+    for name, n in maintenance.clear(config, chosen).items():
+        console.print(f"{name}: removed {n} chunks from {maintenance.describe(config, name)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)  # paths and URLs stay on one line
     try:
         config = _config(args)
         logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
@@ -114,20 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(config, args.document, args.max_new_tokens, console)
         elif args.command == "stats":
-            stats = _disk(config).stats()
-            data = {**asdict(stats), "path": str(config.chunk_dir)}
-            if args.json:
-                print(json.dumps(data, indent=2))
-            else:
-                console.print(
-                    f"{data['path']}: {stats.entries} chunks, {stats.used_bytes / 1e6:.1f} MB "
-                    f"of {stats.max_bytes / 1e9:.1f} GB budget"
-                )
+            _stats(args, config, console)
         elif args.command == "clear":
-            if not args.yes and sys.stdin.isatty():
-                if input(f"delete every chunk under {config.chunk_dir}? [y/N] ").strip().lower() != "y":
-                    return 1
-            console.print(f"removed {_disk(config).clear()} chunks from {config.chunk_dir}")
+            return _clear(args, config, console)
         elif args.command == "model":
             from kvtier.models import resolve_model
 
