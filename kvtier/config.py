@@ -49,6 +49,16 @@ def _valid_codec(spec: str) -> str:
 CodecSpec = Annotated[str, AfterValidator(_valid_codec)]
 
 
+def _valid_redis_url(url: str) -> str:
+    from kvtier.storage.urls import parse_redis_url
+
+    parse_redis_url(url)  # ValueError naming what is wrong (credentials redacted)
+    return url
+
+
+RedisUrl = Annotated[str, AfterValidator(_valid_redis_url)]
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "kvtier"
@@ -80,8 +90,9 @@ class L3Config(_Frozen):
     """Shared tier on Redis (standalone or cluster). Off unless enabled."""
 
     enabled: bool = False
-    url: str = Field(
+    url: RedisUrl = Field(
         default="redis://127.0.0.1:6379/0",
+        repr=False,  # may carry a password
         description="redis://[user:password@]host:port/db, rediss://… (TLS), or redis+cluster://host:port[,host:port…]",
     )
     key_prefix: str = Field(default="kvtier", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
@@ -182,7 +193,7 @@ def load_config(
             dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(tree, dotted, value, origins, f"env {name}")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(tree, dotted, value, origins, f"flag {dotted}={value}")
+        _set_dotted(tree, dotted, value, origins, f"flag {dotted}={_shown(dotted, value)}")
     try:
         return KvtierConfig.model_validate(tree)
     except ValidationError as exc:
@@ -195,6 +206,15 @@ def load_config(
             reason = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             problems.append(f"  {dotted}: {reason} (from {where})")
         raise ConfigError("invalid kvtier configuration:\n" + "\n".join(problems)) from None
+
+
+def _shown(dotted: str, value: Any) -> str:
+    """A value as error messages may show it: URLs with their passwords redacted."""
+    if dotted.endswith("url") and isinstance(value, str):
+        from kvtier.storage.urls import redact
+
+        return redact(value)
+    return str(value)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

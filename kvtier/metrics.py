@@ -39,15 +39,20 @@ class _BackendCollector(Collector):
         evictions = CounterMetricFamily("kvtier_tier_evictions", "Chunks evicted by a tier", labels=["tier"])
         corrupt = CounterMetricFamily("kvtier_tier_corrupt", "Chunks dropped on read as corrupt", labels=["tier"])
         rejected = CounterMetricFamily("kvtier_tier_rejected_puts", "Chunks a tier refused to store", labels=["tier"])
+        stale = CounterMetricFamily(
+            "kvtier_tier_stale", "Chunks read in an older chunk format (a miss; a writer removes them)", labels=["tier"]
+        )
         for source in self._sources:
             for s in source():
-                entries.add_metric([s.name], s.entries)
-                used.add_metric([s.name], s.used_bytes)
+                if s.max_bytes:  # managed elsewhere (Redis): no count beats a wrong one
+                    entries.add_metric([s.name], s.entries)
+                    used.add_metric([s.name], s.used_bytes)
                 budget.add_metric([s.name], s.max_bytes)
                 evictions.add_metric([s.name], s.evictions)
                 corrupt.add_metric([s.name], s.corrupt)
                 rejected.add_metric([s.name], s.rejected_puts)
-        yield from (entries, used, budget, evictions, corrupt, rejected)
+                stale.add_metric([s.name], s.stale)
+        yield from (entries, used, budget, evictions, corrupt, rejected, stale)
 
 
 class KvtierMetrics:
@@ -64,8 +69,11 @@ class KvtierMetrics:
         )
         self.errors = Counter("kvtier_tier_errors", "Tier operations that raised", ["tier", "op"], registry=r)
         self.latency = Histogram(
-            "kvtier_tier_op_seconds", "Latency of one batched tier operation", ["tier", "op"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "kvtier_tier_op_seconds",
+            "Latency of one batched tier operation",
+            ["tier", "op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.query_tokens = Counter("kvtier_query_tokens", "Prompt tokens looked up by retrieve", registry=r)
         self.hit_tokens = Counter("kvtier_hit_tokens", "Prompt tokens served from a tier", ["tier"], registry=r)

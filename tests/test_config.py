@@ -284,3 +284,12 @@ def test_config_is_frozen() -> None:
 def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         load_config(env={"KVTIER_NOPE": "1"})
+
+
+def test_redis_url_is_validated_and_its_password_never_shown() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(env={}, overrides={"l3.url": "http://user:s3cret@host"})
+    assert "l3.url" in str(exc.value) and "scheme" in str(exc.value)
+    assert "s3cret" not in str(exc.value)
+    config = load_config(env={}, overrides={"l3.url": "redis://user:s3cret@host:6380/1"})
+    assert "s3cret" not in repr(config) and config.l3.url.endswith("@host:6380/1")

@@ -12,14 +12,17 @@ scheduler (``TierAccess.shared()``), ``kvtier stats`` inspects
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvtier.codec import get_codec
-from kvtier.config import KvtierConfig
 from kvtier.metrics import KvtierMetrics
 from kvtier.storage.base import StorageBackend
 from kvtier.storage.cpu import MemoryBackend
 from kvtier.storage.disk import DiskBackend
 from kvtier.storage.tiers import TierStack
+
+if TYPE_CHECKING:  # config validates redis URLs with kvtier.storage.urls: no import cycle at load time
+    from kvtier.config import KvtierConfig
 
 
 @dataclass(frozen=True)
