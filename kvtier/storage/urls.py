@@ -50,7 +50,10 @@ def parse_redis_url(url: str) -> RedisTarget:
     if not sep:
         raise ValueError(f"redis url {redact(url)!r} has no scheme (redis://, rediss://, unix://, redis+cluster://)")
     if scheme in STANDALONE_SCHEMES:
-        from redis.connection import parse_url  # redis-py is optional: imported only when a Redis tier is built
+        try:
+            from redis.connection import parse_url
+        except ImportError:  # redis-py is optional; without it no tier connects, and the config still loads
+            return RedisTarget(url, (), None, None, scheme == "rediss")
 
         try:
             parts = parse_url(url)  # a malformed URL fails now rather than at the first call
