@@ -1,49 +1,99 @@
 """A chunk: the KV of one token span plus the header that proves what it is.
 
 In memory a :class:`Chunk` holds its payload as a tensor. On disk or on the
-wire it is ``encode``-d into::
+wire it is ``encode``-d into one little-endian binary format (version 2)::
 
-    b"KVTC" | u16 version | u32 header length | JSON header | payload bytes
+    fixed header (192 bytes) | token ids (u32 each) | body
 
-The JSON header holds the key, parent key, namespace digest, layout, codec,
-token ids, payload length and an xxh3-128 checksum of the payload bytes. The
-codec is a property of the *stored* form: ``raw`` means the payload's own bytes
-(written and read without a copy); any other name is a :mod:`kvtier.codec`
-spec (``int8+zstd``…) and the payload bytes are that codec's output. A reader
-decodes whatever codec the header names, whatever codec it writes with itself;
-a name it does not know is a ChunkFormatError (a miss), never a guess.
-``decode`` checks the framing, length and checksum; :meth:`Chunk.mismatch` checks that a
-chunk is the one the caller asked for (key, tokens, namespace, layout). A
-chunk that fails either is never handed to an engine.
+offset size field
+     0    4 magic b"KVTC"
+     4    2 u16 format version (2)
+     6    2 u16 flags: bit 0 has a parent; bits 1-15 reserved, zero (a keyed
+            MAC and body encryption will take bits 1 and 2)
+     8    4 u32 token count n (at most MAX_TOKENS)
+    12    1 layout dtype (float32 1, float16 2, bfloat16 3)
+    13    1 codec base stage id (raw 1, fp16 2, bf16 3, fp8 5, int4 8, int8 9)
+    14    1 codec lossless stage id (none 0, zstd 1, lz4 2)
+    15    1 shuffle element size before the lossless stage (1: none)
+    16    4 u32 layers
+    20    4 u32 kv heads
+    24    4 u32 head dim
+    28    4 reserved, zero
+    32    8 u64 base stage output length (what the lossless stage holds)
+    40    8 u64 body length
+    48   32 key
+    80   32 parent key (zero without a parent)
+   112   32 namespace digest
+   144   32 reserved for a keyed MAC, zero
+   176   16 xxh3-128 digest (xxhash's big-endian bytes) of bytes 0..175, the
+            token ids and the body
+   192   4n token ids
+ 192+4n     body (``payload_len`` bytes)
+
+The body is the codec's output with no frame of its own (``raw``: the
+payload's own bytes, written and read without a copy). A reader decodes
+whatever codec the header names, whatever codec it writes with itself.
+
+:func:`decode_header` checks every field it can before anything is
+allocated: magic, version and flags, the token count, ids and layout, and
+the claimed lengths against the layout and codec (exact for raw and
+uncompressed codecs; between the lossless format's own bounds otherwise),
+with the decoded payload at most MAX_PAYLOAD_BYTES. :func:`decode_payload`
+checks the body's length and the checksum, which covers every header byte
+too, then decodes. Another format version (an older kvtier's JSON-header
+chunks among them) or unknown flags raise :class:`ChunkVersionError`, a
+:class:`ChunkFormatError`: a counted miss, never a guess and never a reader
+for old formats (a cache's data is recomputable, and one reader is less code
+and less surface for a crafted file). :meth:`Chunk.mismatch` then checks that
+a chunk is the one the caller asked for (key, tokens, namespace, layout).
 """
 
 from __future__ import annotations
 
-import json
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import xxhash
 
-from kvtier.codec import Codec, CodecError, get_codec
-from kvtier.errors import ChunkFormatError
-from kvtier.keys import ChunkKey
+from kvtier.codec import Codec, CodecError, codec_from_ids
+from kvtier.errors import ChunkFormatError, ChunkVersionError
+from kvtier.keys import DIGEST_SIZE, ChunkKey
 from kvtier.layout import KVLayout
 
 MAGIC = b"KVTC"
-VERSION = 1
-_PREFIX = struct.Struct("<4sHI")  # magic, version, header length
-MAX_HEADER_BYTES = 1 << 22
-PREFIX_BYTES = _PREFIX.size
+VERSION = 2
+FLAG_PARENT = 1
+KNOWN_FLAGS = FLAG_PARENT
+MAX_TOKENS = 1 << 20
+MAX_PAYLOAD_BYTES = 1 << 31  # decoded payload bytes a header may claim
 CODEC_RAW = "raw"
+RAW_IDS = (1, 0)  # base stage id of raw, no lossless stage
+
+_PREFIX = struct.Struct("<4sHHI")  # magic, version, flags, token count
+_FIELDS = struct.Struct(f"<4sHHIBBBBIIIIQQ{DIGEST_SIZE}s{DIGEST_SIZE}s32s32s")  # everything before the checksum
+_CHECKSUM = struct.Struct("16s")
+HEADER_BYTES = _FIELDS.size + _CHECKSUM.size  # 192
+PREFIX_BYTES = _PREFIX.size
+_DTYPE_IDS = {"float32": 1, "float16": 2, "bfloat16": 3}
+_DTYPES = {v: k for k, v in _DTYPE_IDS.items()}
+_ZERO = bytes(32)
+assert _FIELDS.size == 176 and HEADER_BYTES == 192
 
 
 def payload_checksum(data: memoryview | bytes) -> str:
-    """Checksum of payload bytes, as written in the header."""
+    """xxh3-128 of ``data`` as ``"xxh3_128:<hex>"`` (the hash the header's checksum is made of)."""
     return "xxh3_128:" + xxhash.xxh3_128_hexdigest(data)
+
+
+def _checksum(fields: bytes | memoryview, tokens: bytes | memoryview, body: memoryview | bytes) -> bytes:
+    """The header's checksum: one xxh3-128 pass over the fields before it, the token ids and the body."""
+    h = xxhash.xxh3_128(fields)
+    h.update(tokens)
+    h.update(body)
+    return h.digest()
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,42 +144,56 @@ class Chunk:
         return None
 
 
-def _header(chunk: Chunk, payload: memoryview | bytes, codec: str) -> bytes:
-    return json.dumps(
-        {
-            "key": chunk.key.hex(),
-            "parent": chunk.parent.hex() if chunk.parent is not None else None,
-            "namespace": chunk.namespace.hex(),
-            "layout": chunk.layout.to_dict(),
-            "codec": codec,
-            "tokens": chunk.tokens.tolist(),
-            "payload_len": len(payload),
-            "checksum": payload_checksum(payload),
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
 def payload_view(chunk: Chunk) -> memoryview:
     """The payload's bytes without copying (valid while ``chunk`` lives)."""
     return memoryview(chunk.payload.view(torch.uint8).reshape(-1).numpy())
 
 
 def encode_parts(chunk: Chunk, codec: Codec | None = None) -> tuple[bytes, memoryview | bytes]:
-    """(framing + header, payload bytes) of the stored form of ``chunk``.
+    """(header + token ids, body) of the stored form of ``chunk``.
 
-    Without a codec, or with ``raw``, the payload bytes are a view of the
-    chunk's own memory (no copy; valid while the chunk lives). Otherwise they
-    are the codec's output (new bytes). CPU cost: one checksum pass, plus the
-    codec's encode.
+    Without a codec, or with ``raw``, the body is a view of the chunk's own
+    memory (no copy; valid while the chunk lives). Otherwise it is the codec's
+    output (new bytes). CPU cost: one checksum pass, plus the codec's encode.
+    Raises ValueError if the codec cannot encode the payload, or the chunk
+    does not fit the format (namespace digest size, more than MAX_TOKENS).
     """
+    layout, n = chunk.layout, chunk.num_tokens
+    if len(chunk.namespace) != DIGEST_SIZE:
+        raise ValueError(f"namespace digest must be {DIGEST_SIZE} bytes, got {len(chunk.namespace)}")
+    if n > MAX_TOKENS or n * layout.bytes_per_token > MAX_PAYLOAD_BYTES:
+        raise ValueError(f"a chunk of {n} tokens is larger than the format allows")
     if codec is None or codec.name == CODEC_RAW:
         body: memoryview | bytes = payload_view(chunk)
-        name = CODEC_RAW
+        (base_id, lossless_id), shuffle, stage_len = RAW_IDS, 1, len(body)
     else:
-        body, name = codec.encode(chunk.payload), codec.name
-    header = _header(chunk, body, name)
-    return _PREFIX.pack(MAGIC, VERSION, len(header)) + header, body
+        shape, dtype = layout.chunk_shape(n), layout.torch_dtype
+        body = codec.encode(chunk.payload)
+        base_id, lossless_id = codec.base_id, codec.lossless_id
+        shuffle, stage_len = codec.shuffle_size(dtype), codec.stage_size(shape, dtype)
+    fields = _FIELDS.pack(
+        MAGIC,
+        VERSION,
+        FLAG_PARENT if chunk.parent is not None else 0,
+        n,
+        _DTYPE_IDS[layout.dtype],
+        base_id,
+        lossless_id,
+        shuffle,
+        layout.num_layers,
+        layout.num_kv_heads,
+        layout.head_dim,
+        0,
+        stage_len,
+        len(body),
+        chunk.key.digest,
+        chunk.parent.digest if chunk.parent is not None else _ZERO,
+        chunk.namespace,
+        _ZERO,
+    )
+    tokens = chunk.tokens.astype("<u4", copy=False).tobytes()
+    checksum = _checksum(fields, tokens, body)
+    return b"".join((fields, checksum, tokens)), body
 
 
 def encode(chunk: Chunk, codec: Codec | None = None) -> bytes:
@@ -140,7 +204,12 @@ def encode(chunk: Chunk, codec: Codec | None = None) -> bytes:
 
 @dataclass(frozen=True)
 class ChunkHeader:
-    """A parsed header; ``offset`` is where the payload starts in the encoded bytes."""
+    """A parsed, validated header; ``offset`` is where the body starts in the encoded bytes.
+
+    ``codec`` is the canonical spec of the codec that wrote the body
+    (``"raw"``, ``"int8+zstd"``…); ``payload_len`` is the body's length.
+    ``checksum`` is not verified yet (it covers the body): :func:`decode_payload` does that.
+    """
 
     key: ChunkKey
     parent: ChunkKey | None
@@ -149,47 +218,90 @@ class ChunkHeader:
     codec: str
     tokens: np.ndarray
     payload_len: int
-    checksum: str
+    checksum: bytes
     offset: int
+    head: bytes = field(repr=False)  # the header bytes and token ids, as read: the checksum covers them
+    decoder: Codec | None = field(default=None, repr=False)  # None for raw
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """Bytes of header + token ids (where the body starts), read from the first ``PREFIX_BYTES`` of a chunk.
+
+    Raises ChunkVersionError for another format version or unknown flags, ChunkFormatError for
+    anything else that is not the start of a chunk.
+    """
+    if len(prefix) < 6:
+        raise ChunkFormatError("truncated before header")
+    magic, version = bytes(prefix[:4]), int.from_bytes(prefix[4:6], "little")
+    if magic != MAGIC:
+        raise ChunkFormatError("bad magic")
+    if version != VERSION:
+        raise ChunkVersionError(f"unsupported chunk format version {version} (this kvtier reads {VERSION})")
+    if len(prefix) < _PREFIX.size:
+        raise ChunkFormatError("truncated before header")
+    _, _, flags, n = _PREFIX.unpack_from(prefix)
+    if flags & ~KNOWN_FLAGS:
+        raise ChunkVersionError(f"unsupported chunk format flags {flags:#06x}")
+    if n > MAX_TOKENS:
+        raise ChunkFormatError(f"header claims {n} tokens (at most {MAX_TOKENS})")
+    return HEADER_BYTES + 4 * n
 
 
 def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
-    """Parse the header at the start of ``prefix``; raise ChunkFormatError if it is not one."""
+    """Parse and validate the header at the start of ``prefix``; raise ChunkFormatError if it is not one.
+
+    Nothing is allocated from the header's claims except the token ids it
+    holds; every length it states is checked against its layout and codec.
+    """
     end = header_length(prefix)
-    version = _PREFIX.unpack_from(prefix)[1]
-    if version != VERSION:
-        raise ChunkFormatError(f"unsupported chunk version {version}")
     if len(prefix) < end:
         raise ChunkFormatError("truncated header")
+    fields = _FIELDS.unpack_from(prefix)
+    flags, n, dtype_id, base_id, lossless_id, shuffle, layers, heads, dim, reserved, stage_len, body_len = fields[2:14]
+    key, parent, namespace, mac = fields[14:]
+    if reserved or mac != _ZERO or (not flags & FLAG_PARENT and parent != _ZERO):
+        raise ChunkFormatError("reserved header bytes are not zero")
+    if dtype_id not in _DTYPES:
+        raise ChunkFormatError(f"unknown dtype id {dtype_id}")
     try:
-        h = json.loads(bytes(prefix[_PREFIX.size : end]))
-        header = ChunkHeader(
-            key=ChunkKey.from_hex(h["key"]),
-            parent=ChunkKey.from_hex(h["parent"]) if h["parent"] is not None else None,
-            namespace=bytes.fromhex(h["namespace"]),
-            layout=KVLayout.from_dict(h["layout"]),
-            codec=str(h["codec"]),
-            tokens=_token_array(h["tokens"]),
-            payload_len=int(h["payload_len"]),
-            checksum=str(h["checksum"]),
-            offset=end,
-        )
-    except (ValueError, KeyError, TypeError) as exc:
+        layout = KVLayout(layers, heads, dim, _DTYPES[dtype_id])
+    except ValueError as exc:
         raise ChunkFormatError(f"malformed header: {exc}") from exc
-    if header.codec == CODEC_RAW:
-        expected = len(header.tokens) * header.layout.bytes_per_token
-        if header.payload_len != expected:
-            raise ChunkFormatError(f"payload length {header.payload_len} does not match layout ({expected})")
-    else:
+    size = n * layout.bytes_per_token  # Python ints: no overflow
+    if size > MAX_PAYLOAD_BYTES:
+        raise ChunkFormatError(f"header claims a {size}-byte payload (at most {MAX_PAYLOAD_BYTES})")
+    decoder, name, expected = None, CODEC_RAW, (size, 1, size, size)  # stage length, shuffle, least, most body
+    if (base_id, lossless_id) != RAW_IDS:
         try:
-            get_codec(header.codec)
-        except ValueError as exc:
-            raise ChunkFormatError(f"unknown codec {header.codec!r}") from exc
-    return header
+            decoder = codec_from_ids(base_id, lossless_id)
+        except (CodecError, ValueError) as exc:  # ValueError: the lossless stage's package is missing
+            raise ChunkFormatError(f"unknown codec: {exc}") from exc
+        if n == 0:
+            raise ChunkFormatError(f"a zero-token chunk under codec {decoder.name}")
+        shape, dtype = layout.chunk_shape(n), layout.torch_dtype
+        name = decoder.name
+        expected = (decoder.stage_size(shape, dtype), decoder.shuffle_size(dtype), *decoder.body_bounds(shape, dtype))
+    if (stage_len, shuffle) != expected[:2]:
+        raise ChunkFormatError(f"header says {stage_len} bytes shuffled by {shuffle}; {name} makes {expected[:2]}")
+    if not expected[2] <= body_len <= expected[3]:
+        raise ChunkFormatError(f"payload length {body_len} does not match layout and codec {name} {expected[2:]}")
+    return ChunkHeader(
+        key=ChunkKey(key),
+        parent=ChunkKey(parent) if flags & FLAG_PARENT else None,
+        namespace=namespace,
+        layout=layout,
+        codec=name,
+        tokens=np.frombuffer(prefix, dtype="<u4", count=n, offset=HEADER_BYTES).copy(),
+        payload_len=body_len,
+        checksum=_CHECKSUM.unpack_from(prefix, _FIELDS.size)[0],
+        offset=end,
+        head=bytes(prefix[:end]),
+        decoder=decoder,
+    )
 
 
 def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes) -> Chunk:
-    """Build a chunk from its header and payload bytes, verifying length and checksum.
+    """Build a chunk from its header and body bytes, verifying length and checksum.
 
     With the ``raw`` codec the returned tensor shares ``payload`` (no copy), so
     the chunk keeps that memory alive; read-only memory (``bytes`` received
@@ -198,11 +310,12 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     """
     if len(payload) != header.payload_len:
         raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
-    if payload_checksum(payload) != header.checksum:
-        raise ChunkFormatError("payload checksum mismatch")
+    head = memoryview(header.head)
+    if _checksum(head[: _FIELDS.size], head[HEADER_BYTES:], payload) != header.checksum:
+        raise ChunkFormatError("checksum mismatch")
     dtype = header.layout.torch_dtype
     shape = header.layout.chunk_shape(len(header.tokens))
-    if header.codec == CODEC_RAW:
+    if header.decoder is None:
         if not len(payload):
             flat = torch.empty(0, dtype=dtype)
         else:
@@ -212,7 +325,7 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
         tensor = flat.view(shape)
     else:
         try:
-            tensor = get_codec(header.codec).decode(payload, shape, dtype)
+            tensor = header.decoder.decode(payload, shape, dtype)
         except (CodecError, ValueError) as exc:
             raise ChunkFormatError(f"{header.codec} payload does not decode: {exc}") from exc
     return Chunk(
@@ -226,26 +339,8 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     )
 
 
-def _token_array(values: object) -> np.ndarray:
-    if not isinstance(values, list) or not all(isinstance(v, int) and 0 <= v < 2**32 for v in values):
-        raise ValueError("tokens must be a list of ids in [0, 2**32)")
-    return np.asarray(values, dtype="<u4")
-
-
-def header_length(prefix: bytes | memoryview) -> int:
-    """Total bytes of framing + header, read from the first ``PREFIX_BYTES`` of an encoded chunk."""
-    if len(prefix) < _PREFIX.size:
-        raise ChunkFormatError("truncated before header")
-    magic, _version, hlen = _PREFIX.unpack_from(prefix)
-    if magic != MAGIC:
-        raise ChunkFormatError("bad magic")
-    if hlen > MAX_HEADER_BYTES:
-        raise ChunkFormatError("header too large")
-    return _PREFIX.size + hlen
-
-
 def decode(data: bytes | bytearray) -> Chunk:
     """Decode a whole encoded chunk (copies ``data`` if it is immutable bytes)."""
-    header = decode_header(memoryview(data)[: _PREFIX.size + MAX_HEADER_BYTES])
+    header = decode_header(memoryview(data))
     body = memoryview(data if isinstance(data, bytearray) else bytearray(data))[header.offset :]
     return decode_payload(header, body)

@@ -24,3 +24,12 @@ class ChunkFormatError(KvtierError):
 
 class StorageError(KvtierError):
     """A tier cannot be opened at all (e.g. its folder is not a usable directory); the message says which and why."""
+
+
+class ChunkVersionError(ChunkFormatError):
+    """Bytes are a chunk in a format version (or with format flags) this kvtier does not read.
+
+    Raised for chunks written by an older kvtier (format 1, the JSON header) or
+    a newer one. A cache holds nothing that cannot be recomputed, so such a
+    chunk is a miss, counted apart from corruption: no reader for old formats.
+    """

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from kvtier.codec import CodecError, get_codec, kernels
-from kvtier.codec.kivi import Int4, hadamard_size
-from kvtier.codec.quant import Fp8
+from kvtier.codec.fp8 import Fp8
+from kvtier.codec.int4 import Int4, hadamard_size
 
 
 @contextmanager
@@ -104,8 +104,9 @@ def test_fp8_compiled_equals_torch(shape: tuple[int, ...], dtype: torch.dtype) -
     assert compiled.dtype == dtype and torch.equal(compiled, reference)
 
 
-def test_framed_codecs_decode_unaligned_sections() -> None:
-    # the codec frame hands the base stage a buffer whose sections start at any byte offset
+def test_codecs_decode_unaligned_bodies() -> None:
+    # a body may start at any byte offset of its buffer (after a chunk header and its token ids), and so may
+    # the base stage's sections
     x = _payload((2, 2, 3, 100, 64), seed=3)
     for spec in ("int4", "int4+zstd", "fp8", "fp8+lz4"):
         codec = get_codec(spec)

@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_chunk import v1_blob
 
 from kvtier.chunk import Chunk, decode, decode_header, encode
-from kvtier.codec import get_codec
-from kvtier.codec.frame import FramedCodec
-from kvtier.codec.kivi import Int8, Int8V2
-from kvtier.codec.quant import Int8V1
+from kvtier.codec import StagedCodec, get_codec
+from kvtier.codec.int8 import Int8
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
-from kvtier.errors import ChunkFormatError, ConfigError
+from kvtier.errors import ChunkFormatError, ChunkVersionError, ConfigError
 from kvtier.keys import Namespace, chunk_spans
 from kvtier.layout import KVLayout
 
@@ -45,23 +44,31 @@ def test_encoded_chunk_names_its_codec_and_decodes(namespace: Namespace, spec: s
     assert err == 0.0 if not get_codec(spec).lossy else err < 0.5
 
 
+class _FutureInt8(Int8):
+    """An int8 layout this version does not know (a base id from the future)."""
+
+    ident = 99
+
+
 def test_unknown_codec_in_header_is_a_format_error(namespace: Namespace) -> None:
-    data = encode(_chunk(namespace), get_codec("int8"))
-    forged = data.replace(b'"codec":"int8"', b'"codec":"int9"', 1)
-    assert forged != data
+    future = encode(_chunk(namespace), StagedCodec(_FutureInt8()))  # a valid chunk, checksum and all
+    assert future[13] == 99
     with pytest.raises(ChunkFormatError, match="unknown codec"):
-        decode(bytearray(forged))
+        decode_header(future)
+    with pytest.raises(ChunkFormatError, match="unknown codec"):
+        decode(bytearray(future))
 
 
 def test_body_of_another_codec_is_a_format_error(namespace: Namespace) -> None:
     chunk = _chunk(namespace)
     fp16 = encode(chunk, get_codec("fp16"))
-    # the fp16 body under a header that names int8 (same length; the payload checksum stays valid, as it
-    # covers the payload only): the codec's own framing refuses it
-    forged = fp16.replace(b'"codec":"fp16"', b'"codec":"int8"', 1)
-    assert forged != fp16 and decode_header(forged).codec == "int8"
-    with pytest.raises(ChunkFormatError, match="not written by codec"):
-        decode(bytearray(forged))
+    # the fp16 body under a header that names bf16 (same length): the checksum covers the header's codec ids
+    forged = bytearray(fp16)
+    assert forged[13] == get_codec("fp16").base_id
+    forged[13] = get_codec("bf16").base_id
+    assert decode_header(forged).codec == "bf16"
+    with pytest.raises(ChunkFormatError, match="checksum"):
+        decode(forged)
 
 
 def test_config_rejects_unknown_codec(tmp_path: Path) -> None:
@@ -88,7 +95,7 @@ def test_disk_codec_shrinks_files_and_any_reader_decodes_them(tmp_path: Path, bi
     # a reader configured with another codec (raw, L1 off) still decodes what the header names
     with _engine(tmp_path / "int8", big_ns, **{"l1.enabled": False}) as reader:
         hit = reader.retrieve(tokens)
-    assert hit.num_tokens == 64 and hit.tier_tokens["disk"] == 64
+    assert hit.num_tokens == 64 and hit.tier_tokens["l2"] == 64
     got = torch.stack(hit.layers)
     assert 0 < (got - kv).abs().max().item() < 0.1
 
@@ -106,56 +113,38 @@ def test_l1_codec_holds_encoded_chunks_within_budget(tmp_path: Path, big_ns: Nam
     assert torch.allclose(got, kv, rtol=1e-3, atol=1e-3)
 
 
-class _FutureInt8(Int8):
-    """An int8 layout this version does not know (a base id from the future)."""
-
-    ident = 99
-
-
-def _rewrite_chunk_files(root: Path, codec) -> int:
-    """Re-encode every chunk file under ``root`` with ``codec`` (same key, tokens and KV); returns the count."""
+def _rewrite_chunk_files(root: Path, write) -> int:
+    """Rewrite every chunk file under ``root`` as ``write(chunk)`` (same key, tokens and KV); returns the count."""
     files = sorted(root.rglob("*.kvc"))
     for path in files:
-        chunk = decode(bytearray(path.read_bytes()))
-        path.write_bytes(encode(chunk, codec))
+        path.write_bytes(write(decode(bytearray(path.read_bytes()))))
     return len(files)
 
 
-@pytest.mark.parametrize("old_stage", [Int8V1, Int8V2])
-def test_chunks_of_earlier_int8_layouts_still_hit(tmp_path: Path, big_ns: Namespace, old_stage) -> None:
-    """Chunk files written by earlier int8 layouts (base ids 4 and 7) decode: a hit, not a miss."""
+def test_chunk_files_of_format_1_are_a_miss(tmp_path: Path, big_ns: Namespace) -> None:
+    """Files an older kvtier wrote (JSON header, format 1) are refused as another version: a miss, no exception."""
     tokens = np.arange(64)
     kv = torch.randn(big_ns.layout.chunk_shape(64))
-    with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as writer:
+    with _engine(tmp_path, big_ns, **{"l1.enabled": False}) as writer:
         writer.store(tokens, kv)
-    old = FramedCodec(old_stage())
-    assert old.name == "int8" and _rewrite_chunk_files(tmp_path, old) == 4
-    # what each rewritten file holds, decoded by the old layout's own code, in token order
-    chunks = sorted((decode(bytearray(p.read_bytes())) for p in tmp_path.rglob("*.kvc")), key=lambda c: c.tokens[0])
-    assert all(c.codec == "int8" for c in chunks)
-    want = torch.cat([c.payload for c in chunks], dim=3)
-    with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as reader:
+    assert _rewrite_chunk_files(tmp_path, v1_blob) == 4
+    with pytest.raises(ChunkVersionError, match="version 1"):
+        decode(next(tmp_path.rglob("*.kvc")).read_bytes())
+    with _engine(tmp_path, big_ns, **{"l1.enabled": False}) as reader:
         hit = reader.retrieve(tokens)
-        stats = reader.stats()
-    assert hit.num_tokens == 64 and hit.tier_tokens["disk"] == 64
-    assert sum(stats.invalid_chunks.values()) == 0
-    got = torch.stack(hit.layers)
-    assert torch.equal(got, want)
-    assert 0 < (got - kv).abs().max().item() < 0.1
+    assert hit.num_tokens == 0
 
 
 def test_chunk_with_unknown_codec_layout_is_a_clean_counted_miss(tmp_path: Path, big_ns: Namespace) -> None:
-    """A chunk whose codec frame names a layout this version lacks is dropped and counted, never decoded."""
+    """A chunk whose header names a codec layout this version lacks is dropped and counted, never decoded."""
     tokens = np.arange(64)
     kv = torch.randn(big_ns.layout.chunk_shape(64))
     chunk = _chunk(big_ns)
-    future = encode(chunk, FramedCodec(_FutureInt8()))
-    assert decode_header(future).codec == "int8"  # the chunk header names a codec this version has
-    with pytest.raises(ChunkFormatError, match="not written by codec"):
-        decode(bytearray(future))
+    with pytest.raises(ChunkFormatError, match="unknown codec"):
+        decode(bytearray(encode(chunk, StagedCodec(_FutureInt8()))))
     with _engine(tmp_path, big_ns, **{"l2.codec": "int8", "l1.enabled": False}) as writer:
         writer.store(tokens, kv)
-    assert _rewrite_chunk_files(tmp_path, FramedCodec(_FutureInt8())) == 4
+    assert _rewrite_chunk_files(tmp_path, lambda c: encode(c, StagedCodec(_FutureInt8()))) == 4
     with _engine(tmp_path, big_ns, **{"l2.codec": "raw", "l1.enabled": False}) as reader:
         hit = reader.retrieve(tokens)
         disk = reader.tiers.stats()[0]

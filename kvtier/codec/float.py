@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from kvtier.codec.base import BaseStage, Shape
+from kvtier.codec.base import Shape
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -30,16 +30,15 @@ def _all_finite(x: torch.Tensor) -> bool:
 class Raw:
     """The payload's bytes as they are.
 
-    ``encode`` returns a uint8 *view* of the payload (the frame copies it once
-    into the encoded bytes). ``decode`` returns a view of ``data`` with no
-    copy: the frame hands it either the caller's writable buffer (which the
+    ``encode`` returns a uint8 *view* of the payload (the codec copies it once
+    into the bytes it returns). ``decode`` returns a view of ``data`` with no
+    copy: the codec hands it either the caller's writable buffer (which the
     result then shares) or a private copy of read-only input.
     """
 
     name: ClassVar[str] = "raw"
     ident: ClassVar[int] = 1
     lossy: ClassVar[bool] = False
-    legacy: ClassVar[tuple[type[BaseStage], ...]] = ()
 
     def shuffle_size(self, dtype: torch.dtype) -> int:
         return _itemsize(dtype)
@@ -61,7 +60,6 @@ class _Downcast:
     ident: ClassVar[int]
     stored: ClassVar[torch.dtype]
     lossy: ClassVar[bool] = True
-    legacy: ClassVar[tuple[type[BaseStage], ...]] = ()
 
     def shuffle_size(self, dtype: torch.dtype) -> int:
         return _itemsize(self.stored)
@@ -70,7 +68,7 @@ class _Downcast:
         return prod(shape) * _itemsize(self.stored)
 
     def encode(self, payload: torch.Tensor) -> torch.Tensor:
-        # to() returns payload itself when it is already stored-dtype: a view, which the frame only reads
+        # to() returns payload itself when it is already stored-dtype: a view, which the codec only reads
         stored = payload.to(self.stored)
         if stored is not payload and not _all_finite(stored):
             if bool((~torch.isfinite(stored) & torch.isfinite(payload)).any()):
