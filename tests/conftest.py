@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from kvtier.chunk import Chunk
 from kvtier.keys import Namespace, chunk_spans
@@ -53,3 +56,22 @@ def make_chain(namespace: Namespace) -> Callable[..., list[Chunk]]:
         return build_chain(namespace_ or namespace, tokens, chunk_size, seed=seed)
 
     return make
+
+
+def v1_blob(chunk: Chunk) -> bytes:
+    """``chunk`` as chunk format 1 wrote it: b"KVTC" | u16 1 | u32 header length | JSON header | payload."""
+    payload = chunk.payload.numpy().tobytes()
+    header = json.dumps(
+        {
+            "key": chunk.key.hex(),
+            "parent": chunk.parent.hex() if chunk.parent is not None else None,
+            "namespace": chunk.namespace.hex(),
+            "layout": chunk.layout.to_dict(),
+            "codec": "raw",
+            "tokens": chunk.tokens.tolist(),
+            "payload_len": len(payload),
+            "checksum": "xxh3_128:" + xxhash.xxh3_128_hexdigest(payload),
+        },
+        separators=(",", ":"),
+    ).encode()
+    return struct.pack("<4sHI", b"KVTC", 1, len(header)) + header + payload

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 import tracemalloc
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import xxhash
+from conftest import v1_blob
 
 from kvtier.chunk import (
     HEADER_BYTES,
@@ -349,25 +349,6 @@ def test_huge_compressed_claims_are_refused_before_decompressing(monkeypatch: py
 
 
 # -- other format versions ------------------------------------------------------------------------------------
-
-
-def v1_blob(chunk: Chunk) -> bytes:
-    """``chunk`` as format 1 wrote it: b"KVTC" | u16 1 | u32 header length | JSON header | payload."""
-    payload = chunk.payload.numpy().tobytes()
-    header = json.dumps(
-        {
-            "key": chunk.key.hex(),
-            "parent": chunk.parent.hex() if chunk.parent is not None else None,
-            "namespace": chunk.namespace.hex(),
-            "layout": chunk.layout.to_dict(),
-            "codec": "raw",
-            "tokens": chunk.tokens.tolist(),
-            "payload_len": len(payload),
-            "checksum": "xxh3_128:" + xxhash.xxh3_128_hexdigest(payload),
-        },
-        separators=(",", ":"),
-    ).encode()
-    return struct.pack("<4sHI", b"KVTC", 1, len(header)) + header + payload
 
 
 @pytest.mark.parametrize("index", [0, 1])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import v1_blob
 
 from kvtier.chunk import Chunk, encode
 from kvtier.keys import ChunkKey, Namespace
@@ -472,7 +471,7 @@ def test_disk_index_of_10000_tiny_chunks_rebuilt(disk_dir: Path, make_chain: Mak
 
 def test_disk_chunk_with_large_header_round_trips(disk_dir: Path, make_chain: MakeChain) -> None:
     tiny = Namespace("tiny", KVLayout(1, 1, 1))
-    chunk = make_chain(np.full(12_000, 123_456, dtype="<u4"), 12_000, namespace_=tiny)[0]
+    chunk = make_chain(np.full(20_000, 123_456, dtype="<u4"), 20_000, namespace_=tiny)[0]
     assert len(encode(chunk)) - chunk.payload.nbytes > 64 * 1024
     disk = _open(disk_dir)
     assert disk.put([chunk]) == [True]
@@ -480,20 +479,22 @@ def test_disk_chunk_with_large_header_round_trips(disk_dir: Path, make_chain: Ma
     assert disk.stats().corrupt == 0
 
 
-def test_disk_header_with_negative_token_is_a_counted_miss(disk_dir: Path, make_chain: MakeChain) -> None:
-    chunk = make_chain(_tokens(4, 41))[0]
+@pytest.mark.parametrize("read_only", [False, True], ids=["writer", "observer"])
+def test_disk_file_in_an_older_format_is_a_stale_miss(disk_dir: Path, make_chain: MakeChain, read_only: bool) -> None:
+    """A chunk file written by format 1 (JSON header): a miss counted as stale, not corrupt; a writer removes it."""
+    a, b = make_chain(_tokens(8, 41))
     disk = _open(disk_dir)
-    disk.put([chunk])
-    path = _file(disk_dir, chunk)
-    data = path.read_bytes()
-    prefix = struct.Struct("<4sHI")
-    magic, version, hlen = prefix.unpack_from(data)
-    header = json.loads(data[prefix.size : prefix.size + hlen])
-    header["tokens"][0] = -1
-    body = json.dumps(header, separators=(",", ":")).encode()
-    path.write_bytes(prefix.pack(magic, version, len(body)) + body + data[prefix.size + hlen :])
-    assert disk.get([chunk.key]) == [None]
-    assert disk.stats().corrupt == 1
+    disk.put([a, b])
+    _file(disk_dir, b).write_bytes(v1_blob(b))
+    reader = DiskBackend(disk_dir, 10**7, read_only=True) if read_only else disk
+    reader.start()
+    got = reader.get([a.key, b.key])
+    _assert_same(got[0], a)
+    assert got[1] is None
+    assert (reader.stats().stale, reader.stats().corrupt) == (1, 0)
+    assert _file(disk_dir, b).exists() == read_only  # an observer never deletes: the writer removes it on its read
+    if not read_only:
+        assert reader.contains([b.key]) == [False]
 
 
 def test_disk_reput_recency_survives_restart(disk_dir: Path, make_chain: MakeChain) -> None:

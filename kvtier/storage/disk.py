@@ -41,7 +41,7 @@ from kvtier.chunk import (
     header_length,
 )
 from kvtier.codec import Codec
-from kvtier.errors import ChunkFormatError, StorageError
+from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import BackendStats
@@ -101,6 +101,7 @@ class DiskBackend:
         self._evictions = 0
         self._rejected = 0
         self._corrupt = 0
+        self._stale = 0
         # files of one get() are read and decoded in parallel: file reads and the codecs' kernels release the GIL
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self._readers: ThreadPoolExecutor | None = None
@@ -269,7 +270,7 @@ class DiskBackend:
             if inode is None:  # could not even open it: not evidence of damage
                 log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
             else:
-                self._drop(key, path, inode, str(exc))
+                self._drop(key, path, inode, str(exc), stale=isinstance(exc, ChunkVersionError))
         return None
 
     def _vanished(self, key: ChunkKey, path: Path) -> None:
@@ -278,8 +279,11 @@ class DiskBackend:
             if self._present(key) and self._path_of(key) == path and not path.exists():
                 self._forget(key)
 
-    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str) -> None:
-        """``path`` (inode ``inode``) failed verification: count it, and remove it if the name still points there."""
+    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False) -> None:
+        """``path`` (inode ``inode``) failed verification: count it, and remove it if the name still points there.
+
+        ``stale``: it is a chunk in an older format (counted apart from corruption: nothing was damaged).
+        """
         with self._lock:
             try:
                 same = os.stat(path).st_ino == inode
@@ -287,8 +291,13 @@ class DiskBackend:
                 same = False
             if not same:  # replaced or removed since it was read: the name now holds another file, or nothing
                 return
-            log.warning("%s tier: dropping chunk %s: %s", self.name, key.hex()[:16], reason)
-            self._corrupt += 1
+            log.log(
+                logging.INFO if stale else logging.WARNING, "%s tier: dropping %s: %s", self.name, path.name, reason
+            )
+            if stale:
+                self._stale += 1
+            else:
+                self._corrupt += 1
             if self._present(key):
                 self._forget(key)
             if not self.read_only:
@@ -381,11 +390,12 @@ class DiskBackend:
     def stats(self) -> BackendStats:
         with self._lock:
             return BackendStats(
-                self.name,
-                len(self._lru) - len(self._pending),
-                self._lru.used_bytes,
-                self.max_bytes,
-                self._evictions,
-                self._rejected,
-                self._corrupt,
+                name=self.name,
+                entries=len(self._lru) - len(self._pending),
+                used_bytes=self._lru.used_bytes,
+                max_bytes=self.max_bytes,
+                evictions=self._evictions,
+                rejected_puts=self._rejected,
+                corrupt=self._corrupt,
+                stale=self._stale,
             )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvtier.chunk import Chunk, decode_header, decode_payload
 from kvtier.codec import Codec, get_codec
-from kvtier.errors import ChunkFormatError
+from kvtier.errors import ChunkFormatError, ChunkVersionError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
 from kvtier.storage.base import BackendStats, encode_or_none
 from kvtier.storage.breaker import CircuitBreaker
@@ -80,7 +80,7 @@ class RedisBackend:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._client: Any = None
         self._started = False
-        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, rejected=0)
+        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0)
 
     @property
     def cluster(self) -> bool:
@@ -226,6 +226,10 @@ class RedisBackend:
             if header.key != key:
                 raise ChunkFormatError(f"value holds chunk {header.key.hex()[:16]}")
             return decode_payload(header, view[header.offset :])  # checks length and checksum; raw: no copy
+        except ChunkVersionError as exc:  # written by an older kvtier: a miss, removed like a damaged one
+            log.info("%s: dropping chunk %s: %s", self._what, key.hex()[:16], exc)
+            self._count("stale")
+            return None
         except (ChunkFormatError, ValueError) as exc:
             log.warning("%s: dropping chunk %s: %s", self._what, key.hex()[:16], exc)
             self._count("corrupt")
@@ -295,7 +299,8 @@ class RedisBackend:
 
     def counters(self) -> dict[str, int]:
         """Since creation: errors (failed Redis calls), skipped (calls answered as misses without the network: the
-        breaker was open or no connection freed up), corrupt (values dropped on read), rejected (chunks not stored).
+        breaker was open or no connection freed up), corrupt (values dropped on read), stale (values in an older chunk
+        format, dropped on read), rejected (chunks not stored).
         """
         with self._lock:
             return dict(self._n)
@@ -303,9 +308,16 @@ class RedisBackend:
     def stats(self) -> BackendStats:
         """Rejected puts and corrupt values; Redis, not this client, knows what it holds (entries/bytes 0)."""
         with self._lock:
-            rejected, corrupt = self._n["rejected"], self._n["corrupt"]
+            n = dict(self._n)
         return BackendStats(
-            name=self.name, entries=0, used_bytes=0, max_bytes=0, evictions=0, rejected_puts=rejected, corrupt=corrupt
+            name=self.name,
+            entries=0,
+            used_bytes=0,
+            max_bytes=0,
+            evictions=0,
+            rejected_puts=n["rejected"],
+            corrupt=n["corrupt"],
+            stale=n["stale"],
         )
 
     def __repr__(self) -> str:
