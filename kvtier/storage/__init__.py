@@ -1,6 +1,6 @@
 """Storage tiers: backends (memory, disk, Redis), the tier stack that owns tier policy, and the builder."""
 
-from kvtier.storage.base import BackendStats, InProcess, ReadOnly, StorageBackend, Watching
+from kvtier.storage.base import BackendStats, InProcess, ReadOnly, StorageBackend
 from kvtier.storage.builder import TierAccess, build_backends, build_tiers
 from kvtier.storage.cpu import MemoryBackend
 from kvtier.storage.disk import DiskBackend
@@ -15,7 +15,6 @@ __all__ = [
     "StorageBackend",
     "TierAccess",
     "TierStack",
-    "Watching",
     "build_backends",
     "build_tiers",
 ]

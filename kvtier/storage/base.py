@@ -11,9 +11,11 @@ backend class:
   process's memory, so writing it costs no I/O and happens on the caller's
   thread; every other tier is written in the background.
 * :class:`ReadOnly` -- ``read_only`` True: the tier was opened as an
-  observer; the stack never writes, promotes into or discards from it.
-* :class:`Watching` -- ``watch`` True: the tier notices chunks other
-  processes write to the same storage (a shared disk folder).
+  observer; the stack never writes or promotes into it (a discard only
+  makes it forget the key).
+
+Noticing other processes' writes (a shared disk folder) is chosen when a tier
+is built (:class:`~kvtier.storage.builder.TierAccess`), not asked of it later.
 """
 
 from __future__ import annotations
@@ -56,13 +58,6 @@ class ReadOnly(Protocol):
     """A tier that may be opened read-only (never written, evicted, touched or deleted)."""
 
     read_only: bool
-
-
-@runtime_checkable
-class Watching(Protocol):
-    """A tier that may notice chunks written by other processes to the same storage."""
-
-    watch: bool
 
 
 def is_in_process(backend: object) -> bool:

@@ -1,8 +1,8 @@
-"""L2: chunks as files in a local directory, within a byte budget, surviving restarts.
+"""The ``l2`` tier: chunks as files in a local directory, within a byte budget, surviving restarts.
 
-Files live at ``<root>/<k[:2]>/<key hex>.<parent hex or "root">.kvc`` so the
-index (key, parent, size, recency = mtime) comes back from a directory scan
-without opening any file. Writes go to ``<root>/.tmp`` and are renamed into
+File names (:mod:`.files`) hold key and parent, so the index (key, parent,
+size, recency = mtime) comes back from a directory scan without opening any
+file. Writes go to ``<root>/.tmp`` and are renamed into
 place, so a torn write is never seen under a chunk's name. Every read checks
 the framing, the file's key, its length and the checksum; a file that fails
 is deleted and counted as corrupt, and the read is a miss. A file that
