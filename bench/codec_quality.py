@@ -11,7 +11,7 @@ Text (real English, read offline, nothing shipped): passage *i* is the first
 Apache-2.0, MPL-2.0, GFDL-1.3, GPL-2, LGPL-2.1 (the most distinct texts first:
 GPL-2 and LGPL-2.1 share much of their preamble), then CPython's stdlib
 LICENSE.txt as a fallback; files too short are skipped. The TTFT part uses the
-GPL-3 followed by LICENSE.txt (``bench/common.py``'s ``real_tokens``, as
+GPL-3 followed by LICENSE.txt (``bench/harness.py``'s ``real_tokens``, as
 ``bench/ttft.py`` does).
 
 Quality (per passage, per codec), through kvtier's real storage path:
@@ -21,8 +21,8 @@ Quality (per passage, per codec), through kvtier's real storage path:
 2. the *reference* ("raw KV") run rebuilds a ``DynamicCache`` from that tensor
    and runs a teacher-forced forward of the next ``continuation`` real tokens
    (tokens P..P+C-1), whose logits predict tokens P+1..P+C;
-3. for every codec a fresh :class:`~kvtier.engine.CacheEngine` with L1 disabled
-   and an L2 directory written with that codec (``l2.codec``) ``store``-s the
+3. for every codec a fresh :class:`~kvtier.engine.CacheEngine` without L1
+   (``TierAccess(memory=False)``) and an L2 directory written with that codec (``l2.codec``) ``store``-s the
    prefix (256-token chunks, each encoded on its own, as stored) and
    ``retrieve``-s it from disk; that KV goes into a ``DynamicCache`` built the
    same way, and the same teacher-forced forward runs. The engine's KV is also
@@ -46,13 +46,13 @@ files on disk (JSON chunk header included) / fp32 bytes of the prefix.
 of passage 1); decode gets a fresh writable ``bytearray`` as the disk tier
 hands it (so ``raw`` decode is a zero-copy view: its number is not a copy rate).
 
-Disk-hit TTFT (``disk_hit_ttft_s``): per codec an engine with ``l1.enabled=false``,
+Disk-hit TTFT (``disk_hit_ttft_s``): per codec an engine without L1,
 ``l2.path=<tmp>``, ``l2.codec=<codec>``, ``store_partial=false``;
 ``CachedModel.generate`` of ``ttft_prefix`` tokens + a 50-token suffix A
 (``max_new_tokens=1``) stores the prefix, ``engine.flush()`` + ``sync``; then
 ``CachedModel.generate`` of the same prefix + another 50-token suffix B, chunk
 files dropped from the page cache (``posix_fadvise DONTNEED``) before each call,
-each round running every codec once in a seeded random order;
+each round running every codec once in a random order (``--seed``);
 ``Generation.ttft_s`` reported, median of ``--ttft-repeats`` after one warm-up;
 ``disk_hit_ttft_over_raw`` (the target's value) is the median over rounds of
 the codec's TTFT / raw's TTFT in the same round (a paired comparison: the
@@ -63,46 +63,29 @@ same way (no prefill: the codec's share of the hit).
 
 Extras ``*_min_s`` and ``*_gbps_best`` give the fastest run, which other processes on a shared machine
 disturb least. Every timed part waits for a quiet machine first (``CleanTimer`` from
-bench/common.py); torch runs with a fixed thread count under ``inference_mode``.
+bench/harness.py); torch runs with a fixed thread count under ``inference_mode``. Engines
+are kvtier defaults (no ``KVTIER_*`` from the shell) plus the settings above.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import random
 import shutil
 import sys
-import sysconfig
-import tempfile
 import time
 from pathlib import Path
 from statistics import median
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-for _p in (_HERE, _HERE.parent):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import harness as h
+import torch
+from harness import GEN, LICENSES, MODEL, CleanTimer, fmt_s
 
-import torch  # noqa: E402
-from common import (  # noqa: E402
-    CleanTimer,
-    fix_threads,
-    fmt_s,
-    loadavg,
-    machine_info,
-    quiet,
-    real_tokens,
-    resident_fraction,
-)
-
-MODEL = "smollm2-135m"
 DEFAULT_CODECS = "raw,fp16,bf16,int8,fp8,int4,int8+zstd,int4+zstd"
-LICENSES = Path("/usr/share/common-licenses")
 PASSAGE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "GPL-2", "LGPL-2.1")
 ROW_FIELDS = (
     "codec",
@@ -114,9 +97,26 @@ ROW_FIELDS = (
     "decode_gbps",
     "disk_hit_ttft_s",
 )
+COLUMNS = {
+    "codec": "codec",
+    "top-1": "top1_agreement",
+    "KL mean": "kl_mean",
+    "ppl Δ": "ppl_delta",
+    "size": "size_ratio",
+    "file": "file_ratio",
+    "enc GB/s": "encode_gbps",
+    "dec GB/s": "decode_gbps",
+    "disk hit TTFT": "disk_hit_ttft_s",
+    "/raw": "disk_hit_ttft_over_raw",
+    "retrieve": "disk_retrieve_s",
+    "greedy match": lambda r: f"{r['greedy_match_mean']:.1f}/{r['greedy_tokens']}",
+    "KV rel err K/V": lambda r: f"{r['k_rel_err']:.1e}/{r['v_rel_err']:.1e}",
+    "1st tok": lambda r: {None: "-", True: "same", False: "[yellow]differs[/yellow]"}[
+        r.get("disk_hit_first_token_matches_raw")
+    ],
+}
 SUFFIX = 50
 CHUNK = 256  # kvtier's default chunk_size, which every engine here uses (checked in main)
-GEN = {"max_new_tokens": 1, "do_sample": False}
 SPEED_SHAPE = (30, 2, 3, 256, 64)
 
 # target: (codec, field, op, threshold)
@@ -135,8 +135,7 @@ TARGETS: tuple[tuple[str, str, str, float], ...] = (
 
 
 def passage_sources() -> list[Path]:
-    stdlib_license = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
-    return [p for p in (*(LICENSES / f for f in PASSAGE_FILES), stdlib_license) if p.is_file()]
+    return [p for p in (*(LICENSES / f for f in PASSAGE_FILES), h.STDLIB_LICENSE) if p.is_file()]
 
 
 def pick_passages(tokenizer, count: int, length: int) -> list[dict[str, Any]]:
@@ -218,24 +217,12 @@ def match_length(a: list[int], b: list[int]) -> int:
 
 
 def make_engine(namespace, chunk_dir: Path, codec: str, *, store_partial: bool):
-    from kvtier.config import load_config
-    from kvtier.engine import CacheEngine
-
-    config = load_config(
-        env={},  # this benchmark's settings only, whatever KVTIER_* the shell has
-        overrides={
-            "l1.enabled": False,
-            "l2.path": str(chunk_dir),
-            "l2.codec": codec,
-            "l3.enabled": False,
-            "store_partial": store_partial,
-        },
-    )
-    engine = CacheEngine.from_config(config, namespace).start()
-    disk = engine.tiers.tiers[0]
-    if len(engine.tiers.tiers) != 1 or disk.name != "disk":
-        raise AssertionError(f"expected one disk tier, got {engine.tiers.names}")
-    return engine, disk
+    """A started engine with the disk tier alone (no L1, no Redis), written with ``codec``; (engine, disk tier)."""
+    overrides = {"l2.path": str(chunk_dir), "l2.codec": codec, "l3.enabled": False, "store_partial": store_partial}
+    engine = h.engine(namespace, overrides, memory=False)
+    if len(engine.tiers.tiers) != 1:
+        raise AssertionError(f"expected the disk tier alone, got {engine.tiers.names}")
+    return engine, engine.tiers.tiers[0]
 
 
 # -- quality -----------------------------------------------------------------------------------------------------
@@ -275,7 +262,7 @@ def quality_for_passage(
             stored = engine.store(ids[:P], kv)
             engine.flush()
             res = engine.retrieve(ids[:P], max_tokens=P)
-            if res.num_tokens != P or res.tier_tokens.get("disk") != P:
+            if res.num_tokens != P or res.tier_tokens.get(disk.name) != P:
                 raise AssertionError(f"{spec}: retrieved {res.num_tokens}/{P} tokens from {res.tiers}")
             file_bytes = sum(f.stat().st_size for f in disk.files())
             invalid = dict(engine.stats().invalid_chunks)
@@ -471,9 +458,8 @@ def disk_hit_ttft(
     from kvtier.adapters.hf import CachedModel
 
     T = args.ttft_prefix
-    all_ids, sources = real_tokens(tokenizer, T + 2 * SUFFIX)
-    ids_a = torch.tensor([all_ids[: T + SUFFIX]], dtype=torch.long)
-    ids_b = torch.tensor([all_ids[:T] + all_ids[T + SUFFIX : T + 2 * SUFFIX]], dtype=torch.long)
+    all_ids, sources = h.real_tokens(tokenizer, T + 2 * SUFFIX)
+    ids_a, ids_b = (torch.tensor([p], dtype=torch.long) for p in h.prompt_pair(all_ids, T, SUFFIX))
     setup: dict[str, dict[str, Any]] = {}
     info: dict[str, Any] = {
         "text_sources": sources,
@@ -481,11 +467,10 @@ def disk_hit_ttft(
         "prompt_b_tokens": ids_b.shape[1],
     }
     with torch.inference_mode():
-        warm = ids_b[:, :32]
-        model.generate(warm, attention_mask=torch.ones_like(warm), **GEN)  # warm code paths before any timing
+        h.first_token(model, ids_b[:, :32])  # warm code paths before any timing
         # the first token of prompt B with no kvtier at all: what every lossless path must give
         progress.set_postfix_str(f"ttft: reference prefill {ids_b.shape[1]}")
-        info["reference_first_token"] = int(model.generate(ids_b, attention_mask=torch.ones_like(ids_b), **GEN)[0, -1])
+        info["reference_first_token"] = h.first_token(model, ids_b)
         progress.update()
         for spec in codecs:
             progress.set_postfix_str(f"ttft: store {spec} (prefill {ids_a.shape[1]})")
@@ -520,13 +505,15 @@ def disk_hit_ttft(
         for spec in codecs:
             s = setup[spec]
             drop(spec)()
-            s["residency_after_drop"] = resident_fraction(s["disk"].files())
+            s["residency_after_drop"] = h.resident_fraction(s["disk"].files())
             gen = s["cm"].generate(ids_b, **GEN)
             s["warmup_ttft"] = gen.ttft_s
         progress.update()
         # timed hits, interleaved: every round runs each codec once, in a shuffled order (seeded), so that no
         # codec always follows the same one; a round's hits are compared with raw's hit of that round
-        orders = [random.Random(r).sample(codecs, len(codecs)) for r in range(args.ttft_repeats)]
+        orders = [
+            random.Random(args.seed * 1_000_003 + r).sample(codecs, len(codecs)) for r in range(args.ttft_repeats)
+        ]
         for r, order in enumerate(orders):
             for spec in order:
                 s = setup[spec]
@@ -601,11 +588,6 @@ def disk_hit_ttft(
 # -- targets and reporting -----------------------------------------------------------------------------------------
 
 
-def _check(value: float | None, op: str, threshold: float) -> dict[str, Any]:
-    ok = value is not None and (value >= threshold if op == ">=" else value <= threshold)
-    return {"value": value, "op": op, "threshold": threshold, "pass": ok}
-
-
 def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["codec"]: r for r in rows}
     out: dict[str, Any] = {}
@@ -616,14 +598,11 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[name] = {"value": None, "op": op, "threshold": threshold, "pass": None, "note": "codec not measured"}
             missing.append(name)
         else:
-            out[name] = _check(by[codec][field], op, threshold)
+            out[name] = h.check(by[codec][field], op, threshold)
     raw = by.get("raw")
     # timing noise: the spread of raw's own timed runs, relative to its median
-    if raw is not None:
-        runs = raw["disk_hit_ttft_all_s"]
-        noise = (max(runs) - min(runs)) / median(runs) if len(runs) > 1 else None
-    else:
-        noise = None
+    runs = raw["disk_hit_ttft_all_s"] if raw is not None else []
+    noise = (max(runs) - min(runs)) / median(runs) if len(runs) > 1 else None
     for r in rows:
         if r["codec"] == "raw" or not r.get("lossy", True):
             continue
@@ -633,15 +612,14 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
             missing.append(name)
             continue
         ratio_ = r["disk_hit_ttft_over_raw"]
-        t = _check(ratio_, "<=", 1.0)
-        t["ttft_s"] = r["disk_hit_ttft_s"]
-        t["raw_ttft_s"] = raw["disk_hit_ttft_s"]
-        t["rounds_faster"] = f"{r['disk_hit_ttft_rounds_faster']}/{len(r['disk_hit_ttft_paired_ratios'])}"
-        t["retrieve_over_raw"] = r.get("disk_retrieve_over_raw")
-        t["within_noise"] = noise is not None and abs(ratio_ - 1) <= noise
-        out[name] = t
-    measured = [v for v in out.values() if isinstance(v, dict) and v.get("pass") is not None]
-    out["all_pass"] = all(v["pass"] for v in measured) and not missing
+        out[name] = h.check(ratio_, "<=", 1.0) | {
+            "ttft_s": r["disk_hit_ttft_s"],
+            "raw_ttft_s": raw["disk_hit_ttft_s"],
+            "rounds_faster": f"{r['disk_hit_ttft_rounds_faster']}/{len(r['disk_hit_ttft_paired_ratios'])}",
+            "retrieve_over_raw": r.get("disk_retrieve_over_raw"),
+            "within_noise": noise is not None and abs(ratio_ - 1) <= noise,
+        }
+    out["all_pass"] = h.all_pass(out) and not missing
     out["complete"] = not missing
     out["raw_ttft_relative_spread"] = noise
     out["notes"] = [
@@ -649,141 +627,77 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "round (pass if <= 1.0); rounds_faster counts the rounds where the codec's hit was faster",
         "raw_ttft_relative_spread = (max - min) / median of raw's timed disk hits: ratios within it "
         "(within_noise) are not resolved by this run",
-        "size_ratio counts the codec frame (64 B) but not kvtier's JSON chunk header; file_ratio counts both",
+        "size_ratio counts what codec.encode returns but not kvtier's chunk header; file_ratio counts both",
     ]
     return out
 
 
-def _f(fmt: str):
-    return lambda v: "-" if v is None else format(v, fmt)
-
-
-def print_table(rows: list[dict[str, Any]], tgt: dict[str, Any], settings: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=sys.stdout, width=max(170, Console(file=sys.stdout).width))
-    table = Table(
-        title=(
-            f"kvtier codecs on {MODEL} fp32: {settings['passages']} passages x {settings['prefix_tokens']} prefix + "
-            f"{settings['continuation_tokens']} continuation tokens; disk hit at {settings['ttft_prefix_tokens']} "
-            f"tokens; {torch.get_num_threads()} threads"
-        )
+def _ttft_extra(t: dict[str, Any]) -> str:
+    if "within_noise" not in t:
+        return ""
+    noisy = ", within noise" if t["within_noise"] else ""
+    return (
+        f" (medians {fmt_s(t['ttft_s'])} vs raw {fmt_s(t['raw_ttft_s'])}; faster in {t['rounds_faster']} rounds; "
+        f"retrieve {t['retrieve_over_raw']:.2f} of raw{noisy})"
     )
-    cols = [
-        ("codec", "codec", str),
-        ("top-1", "top1_agreement", _f(".4f")),
-        ("KL mean", "kl_mean", _f(".2e")),
-        ("ppl Δ", "ppl_delta", _f("+.5f")),
-        ("size", "size_ratio", _f(".4f")),
-        ("file", "file_ratio", _f(".4f")),
-        ("enc GB/s", "encode_gbps", _f(".2f")),
-        ("dec GB/s", "decode_gbps", _f(".2f")),
-        ("disk hit TTFT", "disk_hit_ttft_s", fmt_s),
-        ("/raw", "disk_hit_ttft_over_raw", _f(".3f")),
-        ("retrieve", "disk_retrieve_s", fmt_s),
-        ("greedy match", "greedy_match_mean", _f(".1f")),
-        ("KV rel err K/V", "k_rel_err", None),
-        ("1st tok", "disk_hit_first_token_matches_raw", None),
-    ]
-    for title, _, _ in cols:
-        table.add_column(title, justify="right")
-    for r in rows:
-        cells = []
-        for _, key, fmt in cols:
-            if key == "k_rel_err":
-                cells.append(f"{r['k_rel_err']:.1e}/{r['v_rel_err']:.1e}")
-            elif key == "disk_hit_first_token_matches_raw":
-                v = r.get(key)
-                cells.append("-" if v is None else ("same" if v else "[yellow]differs[/yellow]"))
-            elif key == "greedy_match_mean":
-                cells.append(f"{r[key]:.1f}/{r['greedy_tokens']}")
-            else:
-                cells.append(fmt(r.get(key)))
-        table.add_row(*cells)
-    console.print(table)
-    console.print("targets:")
-    for name, t in tgt.items():
-        if not isinstance(t, dict):
-            continue
-        if t["pass"] is None:
-            console.print(f"  {name}: [dim]{t.get('note')}[/dim]")
-            continue
-        mark = "[green]PASS[/green]" if t["pass"] else "[red]FAIL[/red]"
-        extra = ""
-        if "within_noise" in t:
-            noisy = ", within noise" if t["within_noise"] else ""
-            extra = (
-                f" (medians {fmt_s(t['ttft_s'])} vs raw {fmt_s(t['raw_ttft_s'])};"
-                f" faster in {t['rounds_faster']} rounds; retrieve {t['retrieve_over_raw']:.2f} of raw{noisy})"
-            )
-        console.print(f"  {name} = {t['value']:.5g} (target {t['op']} {t['threshold']}): {mark}{extra}")
+
+
+def print_report(rows: list[dict[str, Any]], tgt: dict[str, Any], settings: dict[str, Any]) -> None:
+    con = h.console(170)
+    title = (
+        f"kvtier codecs on {MODEL} fp32: {settings['passages']} passages x {settings['prefix_tokens']} prefix + "
+        f"{settings['continuation_tokens']} continuation tokens; disk hit at {settings['ttft_prefix_tokens']} "
+        f"tokens; {torch.get_num_threads()} threads"
+    )
+    h.print_table(con, title, COLUMNS, rows)
+    con.print("targets:")
+    h.print_targets(con, tgt, _ttft_extra)
     if tgt.get("raw_ttft_relative_spread") is not None:
-        console.print(f"  raw disk-hit TTFT runs spread {100 * tgt['raw_ttft_relative_spread']:.1f} % (max-min)/median")
+        con.print(f"  raw disk-hit TTFT runs spread {100 * tgt['raw_ttft_relative_spread']:.1f} % (max-min)/median")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    groups: dict[tuple[float, float], list[dict[str, Any]]] = {}  # X and X+lossless: same quality, one label
-    for r in rows:
-        groups.setdefault((r["kl_mean"], r["top1_agreement"]), []).append(r)
-        ax1.scatter(r["size_ratio"], max(r["kl_mean"], 1e-12), s=40)
-    for (kl, top1), members in groups.items():
-        at = max(members, key=lambda m: m["size_ratio"])
-        ax1.annotate(
-            f"{' / '.join(m['codec'] for m in members)} (top-1 {top1:.4f})",
-            (at["size_ratio"], max(kl, 1e-12)),
-            fontsize=7,
-            xytext=(5, 3),
-            textcoords="offset points",
-        )
-    ax1.set_xlim(0, 1.15)
-    ax1.set_yscale("log")
-    ax1.set_xlabel("encoded bytes / fp32 bytes (256-token chunk)")
-    ax1.set_ylabel("mean KL(raw || codec), nats (raw plotted at 1e-12)")
-    ax1.set_title("quality vs size")
-    ax1.grid(alpha=0.3, which="both")
-    names = [r["codec"] for r in rows]
-    ttft = [r["disk_hit_ttft_s"] for r in rows]
-    retr = [r["disk_retrieve_s"] for r in rows]
-    x = range(len(rows))
-    ax2.bar([i - 0.2 for i in x], ttft, 0.4, label="disk-hit TTFT")
-    ax2.bar([i + 0.2 for i in x], retr, 0.4, label="retrieve only")
-    ax2.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-    ax2.set_ylabel("seconds (median, page cache dropped)")
-    ax2.set_title("disk hit")
-    ax2.legend(fontsize=8)
-    ax2.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"kvtier codecs — {MODEL} fp32 on CPU, {torch.get_num_threads()} threads")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"kvtier codecs — {MODEL} fp32 on CPU, {torch.get_num_threads()} threads"
+    with h.figure(path, ncols=2, figsize=(12, 4.8), title=title) as (ax1, ax2):
+        groups: dict[tuple[float, float], list[dict[str, Any]]] = {}  # X and X+lossless: same quality, one label
+        for r in rows:
+            groups.setdefault((r["kl_mean"], r["top1_agreement"]), []).append(r)
+            ax1.scatter(r["size_ratio"], max(r["kl_mean"], 1e-12), s=40)
+        for (kl, top1), members in groups.items():
+            at = max(members, key=lambda m: m["size_ratio"])
+            ax1.annotate(
+                f"{' / '.join(m['codec'] for m in members)} (top-1 {top1:.4f})",
+                (at["size_ratio"], max(kl, 1e-12)),
+                fontsize=7,
+                xytext=(5, 3),
+                textcoords="offset points",
+            )
+        ax1.set_xlim(0, 1.15)
+        ax1.set_yscale("log")
+        ax1.set_xlabel("encoded bytes / fp32 bytes (256-token chunk)")
+        ax1.set_ylabel("mean KL(raw || codec), nats (raw plotted at 1e-12)")
+        ax1.set_title("quality vs size")
+        ax1.grid(alpha=0.3, which="both")
+        series = [
+            ("disk-hit TTFT", [r["disk_hit_ttft_s"] for r in rows], None),
+            ("retrieve only", [r["disk_retrieve_s"] for r in rows], None),
+        ]
+        h.grouped_bars(ax2, [r["codec"] for r in rows], series)
+        ax2.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax2.set_ylabel("seconds (median, page cache dropped)")
+        ax2.set_title("disk hit")
+        ax2.grid(axis="y", alpha=0.3)
 
 
 def _source_state() -> dict[str, Any]:
-    """The git commit of the kvtier checkout and whether kvtier/ had uncommitted changes (others edit it)."""
+    """The git commit of the kvtier checkout, whether kvtier/ had uncommitted changes, the int8/int4 parameters."""
     import inspect
-    import subprocess
 
     from kvtier.codec import get_codec, kivi
 
-    root = _HERE.parent
-
-    def git(*cmd: str) -> str | None:
-        try:
-            return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    status = git("status", "--porcelain", "--", "kvtier")
+    status = h.git("status", "--porcelain", "--", "kvtier")
     return {
-        "commit": git("rev-parse", "HEAD"),
+        "commit": h.git("rev-parse", "HEAD"),
         "kvtier_dirty": None if status is None else bool(status),
         "int8_params": {
             "base_id": kivi.Int8.ident,
@@ -808,12 +722,22 @@ def _source_state() -> dict[str, Any]:
 
 # -- main ----------------------------------------------------------------------------------------------------------
 
+QUICK = {
+    "codecs": "raw,int8",
+    "passages": 1,
+    "prefix": 256,
+    "continuation": 8,
+    "greedy": 4,
+    "ttft_prefix": 256,
+    "ttft_repeats": 1,
+    "speed_repeats": 1,
+    "wait_budget": 0.0,
+}
+POSITIVE = ("passages", "prefix", "continuation", "greedy", "ttft_prefix", "ttft_repeats", "speed_repeats")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--json", type=Path, required=True, help="write results here")
+    parser = h.BenchParser(__doc__, ("plot", "seed", *h.MODEL_FLAGS), quick=QUICK, positive=POSITIVE)
     parser.add_argument(
         "--codecs", default=DEFAULT_CODECS, help=f"comma-separated codec specs (default {DEFAULT_CODECS})"
     )
@@ -824,29 +748,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-prefix", type=int, default=4096, help="prefix tokens of the disk-hit TTFT")
     parser.add_argument("--ttft-repeats", type=int, default=15, help="timed disk hits (rounds) per codec")
     parser.add_argument("--speed-repeats", type=int, default=7, help="timed encode/decode runs per codec (median)")
-    parser.add_argument("--plot", type=Path, help="PNG: KL vs size, disk-hit TTFT bars")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--cache-dir", type=Path, help="model cache dir (default: kvtier config's cache_dir)")
-    parser.add_argument("--tmp-dir", type=Path, help="parent of the temporary chunk directories (default: system tmp)")
-    parser.add_argument("--idle-threshold", type=float, default=0.2, help="foreign cores that count as disturbed")
-    parser.add_argument("--max-wait", type=float, default=20.0, help="max s waiting for a quiet machine per timing")
-    parser.add_argument("--wait-budget", type=float, default=90.0, help="max s of such waiting over the run")
-    parser.add_argument("--retries", type=int, default=1, help="re-runs of a disturbed timing (>= 0.5 s)")
     args = parser.parse_args(argv)
-    for name in ("passages", "prefix", "continuation", "greedy", "ttft_prefix", "ttft_repeats", "speed_repeats"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
 
-    start = time.perf_counter()
-    load_before = loadavg()
-    quiet()
-    fix_threads(args.threads)
-    from tqdm import tqdm
-
-    from kvtier.adapters.hf import hf_namespace
+    run = h.Run(args, "codec-quality")
+    timer, tmp = run.timer, run.tmp
     from kvtier.codec import get_codec
-    from kvtier.config import load_config
-    from kvtier.models import load_model, resolve_model
 
     source = _source_state()  # at start: what this run imported
     codecs: list[str] = []
@@ -859,22 +765,12 @@ def main(argv: list[str] | None = None) -> int:
     if added_raw:  # the disk-hit TTFT target compares with raw
         codecs.insert(0, "raw")
 
-    if load_config(env={}).chunk_size != CHUNK:
+    if h.bench_config().chunk_size != CHUNK:
         raise RuntimeError(f"kvtier's default chunk_size is no longer {CHUNK}")
-    cache_dir = args.cache_dir or load_config().cache_dir
-    model_path = resolve_model(MODEL, cache_dir)
-    model, tokenizer = load_model(model_path)
-    namespace = hf_namespace(model)
+    model, tokenizer, model_path, namespace = h.load_bench_model(args)
     passages = pick_passages(tokenizer, args.passages, args.prefix + args.continuation + 1)
-    print(
-        f"{MODEL} from {model_path}; codecs {', '.join(codecs)}; passages from "
-        f"{', '.join(Path(p['source']).name for p in passages)}; {args.threads} threads",
-        file=sys.stderr,
-    )
-    timer = CleanTimer(
-        threshold=args.idle_threshold, max_wait=args.max_wait, wait_budget=args.wait_budget, retries=args.retries
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="kvtier-codec-quality-", dir=args.tmp_dir))
+    names = ", ".join(Path(p["source"]).name for p in passages)
+    print(f"codecs {', '.join(codecs)}; passages from {names}", file=sys.stderr)
     n = len(codecs)
     total = len(passages) * (n + 1) + n + (1 + n + 1 + args.ttft_repeats * n + 1)
     per_passage: list[dict[str, dict[str, Any]]] = []
@@ -882,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     speed_chunk: dict[str, torch.Tensor] = {}
     phase_s: dict[str, float] = {}
     try:
-        with tqdm(total=total, desc="codec_quality", file=sys.stderr, unit="step") as progress, torch.inference_mode():
+        with h.progress(total, "codec_quality") as progress, torch.inference_mode():
             t0 = time.perf_counter()
             for pi, passage in enumerate(passages):
                 per_passage.append(
@@ -893,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk = speed_chunk.get("chunk")
             chunk_note = "first 256-token chunk of passage 1's real prefix KV"
             if chunk is None or tuple(chunk.shape) != SPEED_SHAPE:
-                chunk = torch.randn(SPEED_SHAPE, generator=torch.Generator().manual_seed(0))
+                chunk = torch.randn(SPEED_SHAPE, generator=torch.Generator().manual_seed(args.seed))
                 chunk_note = "randn (prefix shorter than a chunk, or another model shape)"
             for spec in codecs:
                 progress.set_postfix_str(f"speed {spec}")
@@ -903,10 +799,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             ttft, ttft_info = disk_hit_ttft(codecs, args, model, tokenizer, namespace, tmp, timer, progress)
             phase_s["disk_hit_ttft"] = time.perf_counter() - t0
-            if torch.get_num_threads() != args.threads:
-                raise RuntimeError(f"torch thread count changed to {torch.get_num_threads()} during the run")
+            h.check_threads(args.threads)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        run.remove_tmp()
 
     rows: list[dict[str, Any]] = []
     for spec in codecs:
@@ -931,11 +826,6 @@ def main(argv: list[str] | None = None) -> int:
         row["per_passage"] = per
         rows.append(row)
     tgt = targets(rows)
-    runtime = time.perf_counter() - start
-    machine = machine_info(args.threads)
-    machine["loadavg_start"] = load_before
-    machine["loadavg_end"] = loadavg()
-    machine["kvtier_source"] = source
     settings = {
         "codecs": codecs,
         "raw_added_for_reference": added_raw,
@@ -947,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_suffix_tokens": SUFFIX,
         "ttft_repeats": args.ttft_repeats,
         "speed_repeats": args.speed_repeats,
+        "seed": args.seed,
         "chunk_size": CHUNK,
         "text": {
             "passages": [
@@ -958,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
             "ttft": ttft_info,
         },
         "quality_path": (
-            "kvtier engine: CacheEngine (l1 off, l2 DiskBackend with l2.codec=<codec>, chunk_size 256, store_partial) "
+            "kvtier engine: CacheEngine (no l1, l2 DiskBackend with l2.codec=<codec>, chunk_size 256, store_partial) "
             ".store(prefix tokens, [L,2,H,P,D] prefill KV) -> flush -> .retrieve() from disk -> DynamicCache; "
             "checked bit-identical to a direct per-chunk codec.decode(codec.encode(chunk))"
         ),
@@ -976,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": MODEL,
         "model_path": str(model_path),
         "settings": settings,
-        "machine": machine,
+        "machine": run.machine(kvtier_source=source),
         "rows": rows,
         "targets": tgt,
         "diagnostics": {
@@ -985,22 +876,10 @@ def main(argv: list[str] | None = None) -> int:
             ],
         },
         "phase_s": phase_s,
-        "contention": timer.summary() | {"events": timer.events},
-        "runtime_s": runtime,
+        "contention": timer.report(),
+        "runtime_s": run.runtime_s,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(rows, tgt, settings)
-    if args.plot:
-        plot(rows, args.plot)
-    print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else "") + f"; total runtime {runtime:.0f} s")
-    disturbed = timer.summary()["disturbed_calls"]
-    if disturbed:
-        print(
-            f"WARNING: other processes used >= {args.idle_threshold} cores during {len(disturbed)} timed calls "
-            f"(after {timer.reruns} re-runs): {', '.join(disturbed)}; those numbers are pessimistic",
-            file=sys.stderr,
-        )
+    run.finish(result, table=lambda: print_report(rows, tgt, settings), plot=lambda p: plot(rows, p))
     bad = [r["codec"] for r in rows if not r["lossy"] and (r["top1_agreement"] != 1.0 or r["kl_mean"] != 0.0)]
     mismatched = [r["codec"] for r in rows if r["engine_vs_direct_max_abs_diff"] != 0.0]
     if bad or mismatched:

