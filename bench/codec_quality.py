@@ -37,10 +37,10 @@ tokens), and greedy decoding: from each cache, token P is fed and up to
 tokens equal to the reference's greedy tokens (decoding stops at the first
 difference).
 
-Size and speed: ``size_ratio`` = codec output bytes (with the codec's 64-byte
-frame, without kvtier's chunk header) / fp32 bytes, pooled over all full
-256-token chunks of the passages' real KV; ``file_ratio`` = bytes of the chunk
-files on disk (JSON chunk header included) / fp32 bytes of the prefix.
+Size and speed: ``size_ratio`` = codec body bytes (without kvtier's chunk
+header) / fp32 bytes, pooled over all full 256-token chunks of the passages'
+real KV; ``file_ratio`` = bytes of the chunk files on disk (header and token
+ids included) / fp32 bytes of the prefix.
 ``encode_gbps`` / ``decode_gbps`` = fp32 payload bytes / s, median of
 ``--speed-repeats`` runs on one real [30, 2, 3, 256, 64] chunk (the first chunk
 of passage 1); decode gets a fresh writable ``bytearray`` as the disk tier
@@ -693,28 +693,30 @@ def _source_state() -> dict[str, Any]:
     """The git commit of the kvtier checkout, whether kvtier/ had uncommitted changes, the int8/int4 parameters."""
     import inspect
 
-    from kvtier.codec import get_codec, kivi
+    from kvtier.codec import get_codec
+    from kvtier.codec.int4 import Int4
+    from kvtier.codec.int8 import Int8
 
     status = h.git("status", "--porcelain", "--", "kvtier")
     return {
         "commit": h.git("rev-parse", "HEAD"),
         "kvtier_dirty": None if status is None else bool(status),
         "int8_params": {
-            "base_id": kivi.Int8.ident,
-            "sinks": kivi.Int8.sinks,
-            "k_group": kivi.Int8.k_group,
+            "base_id": Int8.ident,
+            "sinks": Int8.sinks,
+            "k_group": Int8.k_group,
             "k_bits": 8,
             "v_bits": 8,
         },
         "int4_params": {
-            "base_id": kivi.Int4.ident,
-            "sinks": kivi.Int4.sinks,
-            "k_group": kivi.Int4.k_group,
-            "k_bits_max": kivi.Int4.k_bits_max,
-            "k_bits_per_channel": kivi.Int4.k_bit_budget(64) / 64,
-            "k_rms_power": kivi.Int4.k_rms_power,
-            "v_bits": kivi.Int4.v_bits,
-            "v_rotation": kivi.Int4.v_rotation,
+            "base_id": Int4.ident,
+            "sinks": Int4.sinks,
+            "k_group": Int4.k_group,
+            "k_bits_max": Int4.k_bits_max,
+            "k_bits_per_channel": Int4.k_bit_budget(64) / 64,
+            "k_rms_power": Int4.k_rms_power,
+            "v_bits": Int4.v_bits,
+            "v_rotation": Int4.v_rotation,
         },
         "zstd_level_default": inspect.signature(get_codec).parameters["zstd_level"].default,
     }

@@ -147,7 +147,7 @@ def hadamard_block(dim: int, limit: int) -> torch.Tensor:
 
 
 def _kivi_bound(base: str, x: torch.Tensor) -> torch.Tensor:
-    """Per-element bound for int8/int4 (see kvtier.codec.kivi): keys and values as documented, sinks exact to fp16."""
+    """Per-element bound for int8/int4 (kvtier.codec.int8, int4): keys and values as documented, sinks exact to fp16."""
     p = KIVI[base]
     layers, _, heads, tokens, dim = x.shape
     sinks, bits = kivi_choices(base, x)
