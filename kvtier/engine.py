@@ -15,11 +15,13 @@ turn, not only the previous turn's full chunks.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +36,21 @@ from kvtier.storage import TierAccess, TierStack, build_tiers
 log = logging.getLogger(__name__)
 
 Tokens = Sequence[int] | np.ndarray | torch.Tensor
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _timed(op: str) -> Callable[[_F], _F]:
+    """Observe the wall time of an engine method in ``kvtier_engine_op_seconds{op=...}``."""
+
+    def wrap(fn: _F) -> _F:
+        @functools.wraps(fn)
+        def timed(self: CacheEngine, *args: Any, **kwargs: Any) -> Any:
+            with self.metrics.engine_latency.labels(op).time():
+                return fn(self, *args, **kwargs)
+
+        return timed  # type: ignore[return-value]
+
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,7 @@ class CacheEngine:
             counts[self.tiers.names[where]] += max(0, min(span.end, limit) - max(span.start, start))
         return counts
 
+    @_timed("lookup")
     def lookup(self, tokens: Tokens, *, max_tokens: int | None = None) -> LookupResult:
         """How many leading tokens of ``tokens`` (at most ``max_tokens``) can be retrieved, and from where.
 
@@ -193,6 +211,7 @@ class CacheEngine:
             self._counts["lookups"] += 1
         return LookupResult(n, self._tier_tokens(plan, n), tuple(plan))
 
+    @_timed("retrieve")
     def retrieve(
         self, tokens: Tokens, *, max_tokens: int | None = None, start: int = 0, out: torch.Tensor | None = None
     ) -> RetrieveResult:
@@ -256,6 +275,7 @@ class CacheEngine:
 
     # -- store -------------------------------------------------------------------------------------------------
 
+    @_timed("store")
     def store(self, tokens: Tokens, kv: KVSource | torch.Tensor) -> StoreResult:
         """Store the chunks of ``tokens`` that no tier holds yet; skip the rest.
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -78,9 +78,21 @@ class KvtierMetrics:
         self.query_tokens = Counter("kvtier_query_tokens", "Prompt tokens looked up by retrieve", registry=r)
         self.hit_tokens = Counter("kvtier_hit_tokens", "Prompt tokens served from a tier", ["tier"], registry=r)
         self.invalid_chunks = Counter(
-            "kvtier_invalid_chunks", "Chunks refused on read (mismatch or unreadable)", ["reason"], registry=r
+            "kvtier_invalid_chunks",
+            "Chunks refused on read: not the chunk asked for (by what differed)",
+            ["reason"],
+            registry=r,
         )
         self.dropped_writes = Counter("kvtier_dropped_writes", "Chunk writes dropped by a full queue", registry=r)
+        self.queued_bytes = Gauge("kvtier_write_queue_bytes", "Bytes waiting in write-behind queues", registry=r)
+        self.queued_chunks = Gauge("kvtier_write_queue_chunks", "Chunks waiting in write-behind queues", registry=r)
+        self.engine_latency = Histogram(
+            "kvtier_engine_op_seconds",
+            "Wall time of one engine call (lookup, retrieve, store) as its caller sees it",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.load_failures = Counter(
             "kvtier_load_failures", "Promised KV an engine adapter could not load (recomputed instead)", registry=r
         )

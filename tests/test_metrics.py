@@ -39,16 +39,47 @@ def test_counts_after_store_and_retrieve(tmp_path: Path, namespace: Namespace) -
     assert engine.retrieve(np.arange(100, 132)).num_tokens == 0  # 2 chunks nowhere
     s = _samples(engine.metrics.render().decode())
     chunk_bytes = kv[:, :, :, :16].nbytes
-    assert s[("kvtier_tier_hits_total", ((("tier", "l1")),))] == 4
-    assert s[("kvtier_tier_misses_total", ((("tier", "l1")),))] == 2
+    assert s[("kvtier_tier_hits_total", (("tier", "l1"),))] == 4
+    assert s[("kvtier_tier_misses_total", (("tier", "l1"),))] == 2
     assert s[("kvtier_tier_misses_total", (("tier", "l2"),))] == 2
-    assert s[("kvtier_tier_written_bytes_total", ((("tier", "l1")),))] == 4 * chunk_bytes
+    assert s[("kvtier_tier_written_bytes_total", (("tier", "l1"),))] == 4 * chunk_bytes
     assert s[("kvtier_tier_written_bytes_total", (("tier", "l2"),))] == 4 * chunk_bytes
-    assert s[("kvtier_tier_read_bytes_total", ((("tier", "l1")),))] == 4 * chunk_bytes
+    assert s[("kvtier_tier_read_bytes_total", (("tier", "l1"),))] == 4 * chunk_bytes
     assert s[("kvtier_query_tokens_total", ())] == 96
-    assert s[("kvtier_hit_tokens_total", ((("tier", "l1")),))] == 64
+    assert s[("kvtier_hit_tokens_total", (("tier", "l1"),))] == 64
     assert s[("kvtier_tier_entries", (("tier", "l2"),))] == 4
-    assert s[("kvtier_tier_op_seconds_count", (("op", "get"), (("tier", "l1"))))] == 1
+    assert s[("kvtier_tier_op_seconds_count", (("op", "get"), ("tier", "l1")))] == 1
+    # engine calls as their callers see them: one store, two retrieves (each also plans, but is one call)
+    assert s[("kvtier_engine_op_seconds_count", (("op", "store"),))] == 1
+    assert s[("kvtier_engine_op_seconds_count", (("op", "retrieve"),))] == 2
+    assert ("kvtier_engine_op_seconds_count", (("op", "lookup"),)) not in s
+    assert s[("kvtier_write_queue_bytes", ())] == 0  # flushed
+    engine.close()
+
+
+def test_write_queue_gauges_follow_the_queue(tmp_path: Path, namespace: Namespace) -> None:
+    import threading
+
+    engine = _engine(tmp_path, namespace)
+    disk = engine.tiers.tiers[1]
+    gate = threading.Event()
+    real_put = disk.put
+
+    def slow_put(chunks):  # the disk is busy: write-behind waits
+        assert gate.wait(10)
+        return real_put(chunks)
+
+    disk.put = slow_put  # type: ignore[method-assign]
+    tokens = np.arange(48)
+    kv = torch.randn(namespace.layout.chunk_shape(48))
+    engine.store(tokens, kv)
+    s = _samples(engine.metrics.render().decode())
+    assert s[("kvtier_write_queue_chunks", ())] == 3
+    assert s[("kvtier_write_queue_bytes", ())] == sum(kv[:, :, :, i : i + 16].nbytes + 16 * 4 for i in (0, 16, 32))
+    gate.set()
+    assert engine.flush(timeout=10)
+    s = _samples(engine.metrics.render().decode())
+    assert (s[("kvtier_write_queue_chunks", ())], s[("kvtier_write_queue_bytes", ())]) == (0, 0)
     engine.close()
 
 

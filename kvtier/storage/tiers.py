@@ -239,6 +239,8 @@ class TierStack:
             self._queued_bytes += nbytes
             self._in_flight += 1
             self._queued_keys.update(c.key for c in chunks)
+        self.metrics.queued_bytes.inc(nbytes)
+        self.metrics.queued_chunks.inc(len(chunks))
         self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes))
         return True
 
@@ -260,6 +262,8 @@ class TierStack:
                     log.exception("write-behind to %s failed", self.tiers[ti].name)
                     with self._lock:
                         self._write_errors += 1
+            self.metrics.queued_bytes.dec(job.nbytes)
+            self.metrics.queued_chunks.dec(len(job.chunks))
             with self._lock:
                 self._queued_bytes -= job.nbytes
                 self._in_flight -= 1
