@@ -44,6 +44,19 @@ def _open(root: Path, max_bytes: int = 10**7, **kwargs: object) -> DiskBackend:
     return backend
 
 
+def _replace_during_read(monkeypatch: pytest.MonkeyPatch, newer: Path, path: Path) -> Callable[..., object]:
+    """Make the next payload read first move ``newer`` over ``path`` (another writer lands mid-read); returns the
+    real reader."""
+    real = disk_module.read_payload
+
+    def replace_then_read(f, head, header):
+        os.replace(newer, path)
+        return real(f, head, header)
+
+    monkeypatch.setattr(disk_module, "read_payload", replace_then_read)
+    return real
+
+
 def test_file_removed_before_the_read_is_a_plain_miss(tmp_path: Path, make_chain: MakeChain) -> None:
     a, b = make_chain(_tokens(8, 1))
     disk = _open(tmp_path)
@@ -63,13 +76,7 @@ def test_file_replaced_mid_read_is_read_whole_and_not_counted(
     disk.put([a])
     newer = tmp_path / "newer"
     newer.write_bytes(_file(tmp_path, a).read_bytes())
-    real = disk_module.read_payload
-
-    def replace_then_read(f, head, header):  # the writer of another process replaces the file right now
-        os.replace(newer, _file(tmp_path, a))
-        return real(f, head, header)
-
-    monkeypatch.setattr(disk_module, "read_payload", replace_then_read)
+    _replace_during_read(monkeypatch, newer, _file(tmp_path, a))
     got = disk.get([a.key])[0]
     assert got is not None and torch.equal(got.payload, a.payload)
     assert disk.stats().corrupt == 0
@@ -87,14 +94,8 @@ def test_damaged_file_replaced_by_a_valid_one_mid_read_keeps_the_valid_one(
     damaged[-1] ^= 0xFF
     path.write_bytes(bytes(damaged))
     newer = tmp_path / "newer"
-    newer.write_bytes(valid)
-    real = disk_module.read_payload
-
-    def replace_then_read(f, head, header):
-        os.replace(newer, path)  # a newer, valid write of the same chunk lands while the damaged one is read
-        return real(f, head, header)
-
-    monkeypatch.setattr(disk_module, "read_payload", replace_then_read)
+    newer.write_bytes(valid)  # a newer, valid write of the same chunk lands while the damaged one is read
+    real = _replace_during_read(monkeypatch, newer, path)
     assert disk.get([a.key]) == [None]  # what was read was damaged: a miss
     assert disk.stats().corrupt == 0  # ...but it is not there any more: nothing to count or delete
     assert path.read_bytes() == valid

@@ -244,11 +244,6 @@ class TierStack:
         self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes))
         return True
 
-    def queued(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Which keys wait in the write-behind queue (not yet readable from their tiers)."""
-        with self._lock:
-            return [k in self._queued_keys for k in keys]
-
     def _write_loop(self) -> None:
         while True:
             job = self._queue.get()
