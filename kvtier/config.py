@@ -104,6 +104,20 @@ class L3Config(_Frozen):
     codec: CodecSpec = Field(default="raw", description="codec of chunk values, e.g. int8+zstd")
 
 
+class VllmConfig(_Frozen):
+    """``[vllm]``: how the vLLM connector moves KV between kvtier and vLLM's blocks."""
+
+    async_loads: bool = Field(default=True, description="load hits on kvtier's threads while vLLM steps other requests")
+    load_threads: int = Field(default=2, gt=0, le=64, description="threads that load hits into vLLM's blocks")
+    load_deadline_s: float = Field(
+        default=5.0, gt=0, description="a load still running after this long is cut short; vLLM recomputes the rest"
+    )
+    store_queue_bytes: PositiveBytes = Field(
+        default=ByteSize(2 * 10**9),
+        description="KV of finished requests waiting to be copied out of vLLM's blocks; beyond it stores are dropped",
+    )
+
+
 class KvtierConfig(_Frozen):
     """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
 
@@ -119,6 +133,7 @@ class KvtierConfig(_Frozen):
     l1: L1Config = L1Config()
     l2: L2Config = L2Config()
     l3: L3Config = L3Config()
+    vllm: VllmConfig = VllmConfig()
 
     @property
     def chunk_dir(self) -> Path:

@@ -29,7 +29,7 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.config import KvtierConfig
 from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
-from kvtier.layout import KVSource, TensorKV, assemble_layers
+from kvtier.layout import KVSink, KVSource, TensorKV, assemble_layers
 from kvtier.metrics import KvtierMetrics
 from kvtier.storage import TierAccess, TierStack, build_tiers
 
@@ -213,7 +213,13 @@ class CacheEngine:
 
     @_timed("retrieve")
     def retrieve(
-        self, tokens: Tokens, *, max_tokens: int | None = None, start: int = 0, out: torch.Tensor | None = None
+        self,
+        tokens: Tokens,
+        *,
+        max_tokens: int | None = None,
+        start: int = 0,
+        out: torch.Tensor | None = None,
+        sink: KVSink | None = None,
     ) -> RetrieveResult:
         """KV for the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
 
@@ -229,7 +235,15 @@ class CacheEngine:
         are neither read nor checked, and ``layers`` cover positions
         [start, num_tokens) only (empty when num_tokens <= start). Blocks on
         tier reads.
+
+        With ``sink`` (a :data:`~kvtier.layout.KVSink`) nothing is assembled:
+        each chunk's part of [start, num_tokens) goes to the sink as it is, in
+        order (no prefix-sized temporary), ``layers`` is empty, and a sink that
+        returns False ends the prefix there (``num_tokens`` is what it took).
+        ``out`` and ``sink`` exclude each other.
         """
+        if out is not None and sink is not None:
+            raise ValueError("retrieve takes out or sink, not both")
         arr = _tokens(tokens)
         limit = len(arr) if max_tokens is None else max(0, min(max_tokens, len(arr)))
         if start < 0:
@@ -253,11 +267,13 @@ class CacheEngine:
         # The plan is contiguous from 0; chunks before ``start`` count as held without being read.
         n = min(limit, valid[-1][0].end if valid else skipped[-1][0].end if skipped else 0)
         first = valid[0][0].start if valid else start
-        layers = (
-            assemble_layers([c.payload for _, _, c in valid], self.layout, n - start, out, skip=start - first)
-            if n > start
-            else []
-        )
+        layers: list[torch.Tensor] = []
+        if sink is not None:
+            if n > start:
+                n = self._deliver(valid, start, n, sink)
+            valid = [v for v in valid if v[0].start < n]
+        elif n > start:
+            layers = assemble_layers([c.payload for _, _, c in valid], self.layout, n - start, out, skip=start - first)
         tier_tokens = self._tier_tokens([(s, w) for s, w, _ in valid], n, start)
         with self._lock:
             self._counts["retrieves"] += 1
@@ -267,6 +283,19 @@ class CacheEngine:
         for tier, count in tier_tokens.items():
             self.metrics.hit_tokens.labels(tier).inc(count)
         return RetrieveResult(n, layers, tier_tokens)
+
+    @staticmethod
+    def _deliver(valid: list[tuple[ChunkSpan, int, Chunk]], start: int, n: int, sink: KVSink) -> int:
+        """Hand [start, n) to ``sink`` chunk by chunk; returns where it stopped (``n`` unless the sink said stop)."""
+        done = start
+        for span, _, chunk in valid:
+            lo, hi = max(span.start, start), min(span.end, n)
+            if hi <= lo:
+                continue
+            if not sink(lo, hi, chunk.payload[:, :, :, lo - span.start : hi - span.start]):
+                return done
+            done = hi
+        return done
 
     def _count_invalid(self, reason: str) -> None:
         with self._lock:

@@ -15,7 +15,7 @@ Nothing here imports an inference engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -163,6 +163,12 @@ class TensorKV:
     def gather(self, start: int, end: int) -> torch.Tensor:
         check_range(start, end, self.num_tokens)
         return self._kv[:, :, :, start:end].to(self._layout.torch_dtype, copy=True).contiguous()
+
+
+#: Receives one piece of a retrieved prefix: KV of token positions [start, end) as an [L, 2, H, end-start, D]
+#: view that is valid only during the call (copy it out before returning). Returns False to stop the retrieve
+#: there (e.g. the caller gave up on it): nothing after that piece is delivered.
+KVSink = Callable[[int, int, torch.Tensor], bool]
 
 
 def assemble_layers(

@@ -96,6 +96,29 @@ class KvtierMetrics:
         self.load_failures = Counter(
             "kvtier_load_failures", "Promised KV an engine adapter could not load (recomputed instead)", registry=r
         )
+        # the vLLM connector's transfers between kvtier and the engine's KV blocks
+        self.load_seconds = Histogram(
+            "kvtier_load_seconds",
+            "Wall time of one request's load into the engine's KV blocks (queueing included)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "kvtier_store_seconds",
+            "Wall time of one finished request's store, from queueing to its blocks being released",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loads_in_flight = Gauge("kvtier_loads_in_flight", "Requests whose KV is being loaded", registry=r)
+        self.store_queue_bytes = Gauge(
+            "kvtier_store_queue_bytes", "KV bytes of finished requests waiting to be copied out", registry=r
+        )
+        self.dropped_stores = Counter(
+            "kvtier_dropped_stores", "Finished requests not stored because the store queue was full", registry=r
+        )
+        self.load_timeouts = Counter(
+            "kvtier_load_timeouts", "Loads cut short at their deadline (the rest is recomputed)", registry=r
+        )
         self._backend_sources: list[Callable[[], Sequence[BackendStats]]] = []
         self.registry.register(_BackendCollector(self._backend_sources))
 

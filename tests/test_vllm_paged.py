@@ -1,16 +1,11 @@
-"""The vLLM adapter without a vLLM engine: the paged layout (probing, block reads, slot maps, PagedKV) and the
-connector's scheduler and worker sides driven with stand-ins for vLLM's request and scheduler output."""
+"""The vLLM adapter's paged layout without a vLLM engine: probing, block reads and writes, slot maps, PagedKV."""
 
 from __future__ import annotations
-
-import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kvtier.adapters.vllm.paged import CANDIDATES, PagedKV, probe_layout
-from kvtier.config import load_config
 from kvtier.keys import Namespace
 from kvtier.layout import KVLayout
 
@@ -38,6 +33,13 @@ def layer_for(name: str, num_blocks: int = 6, dtype: torch.dtype = torch.float32
     return torch.zeros(num_blocks, H, BS, 2 * D, dtype=dtype)  # vLLM CPU shape
 
 
+def kernel_write(paged, layers, kv: torch.Tensor, block_ids, start: int = 0) -> None:
+    """Write [L, 2, H, T, D] at positions [start, start+T) through the engine's own kernel (as vLLM's forward does)."""
+    slots = paged.slots(block_ids, start, start + kv.shape[3])
+    for layer, layer_kv in zip(layers, kv, strict=True):
+        paged.write(layer_kv[0].transpose(0, 1), layer_kv[1].transpose(0, 1), layer, slots)
+
+
 @pytest.mark.parametrize("name", list(CANDIDATES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_probe_finds_the_packing_a_kernel_writes(name, dtype):
@@ -63,11 +65,26 @@ def test_write_then_read_any_token_range(name, start, end):
     paged = probe_layout(layers[0], H, D, BS, writer(name))
     block_ids = [4, 1, 3]  # a request's blocks, not in order
     kv = torch.randn(2, 2, H, 48, D)  # [L, 2, H, N, D]
-    paged.write_tokens(layers, [kv[0], kv[1]], paged.slots(block_ids, 0, 48))
+    kernel_write(paged, layers, kv, block_ids)
     got = paged.read(layers, block_ids, start, end)
     assert got.shape == (2, 2, H, end - start, D)
     assert torch.equal(got, kv[:, :, :, start:end])
     assert got.is_contiguous() and got.data_ptr() != layers[0].data_ptr()
+
+
+@pytest.mark.parametrize("name", list(CANDIDATES))
+@pytest.mark.parametrize(("start", "end"), [(0, 48), (5, 33), (16, 32), (31, 33), (47, 48)])
+def test_scatter_puts_every_value_where_the_kernel_does(name, start, end):
+    paged = probe_layout(layer_for(name), H, D, BS, writer(name))
+    kv = torch.randn(2, 2, H, end - start, D)
+    by_kernel, by_scatter = ([layer_for(name) for _ in range(2)] for _ in range(2))
+    kernel_write(paged, by_kernel, kv, [4, 1, 3], start)
+    paged.scatter(by_scatter, [4, 1, 3], start, kv)
+    assert all(torch.equal(a, b) for a, b in zip(by_kernel, by_scatter, strict=True))
+    with pytest.raises(ValueError, match="blocks"):
+        paged.scatter(by_scatter, [4, 1], start, torch.randn(2, 2, H, 48 - start, D))
+    with pytest.raises(ValueError, match="not"):
+        paged.scatter(by_scatter, [4, 1, 3], start, kv[0])
 
 
 def test_slots_follow_the_block_table():
@@ -82,7 +99,7 @@ def test_paged_kv_is_a_kv_source_with_bounds():
     layers = [layer_for("cpu-k-transposed") for _ in range(2)]
     paged = probe_layout(layers[0], H, D, BS, writer("cpu-k-transposed"))
     kv = torch.randn(2, 2, H, 20, D)
-    paged.write_tokens(layers, [kv[0], kv[1]], paged.slots([2, 5], 0, 20))
+    kernel_write(paged, layers, kv, [2, 5])
     source = PagedKV(paged, layers, [2, 5], 20)
     assert source.num_tokens == 20
     assert torch.equal(source.gather(3, 19), kv[:, :, :, 3:19])
@@ -101,7 +118,7 @@ def test_cpu_engine_store_reads_blocks_exactly(tmp_path):
     layers = [layer_for("cpu-k-transposed") for _ in range(2)]
     paged = probe_layout(layers[0], H, D, BS, writer("cpu-k-transposed"))
     kv = torch.randn(2, 2, H, 40, D)
-    paged.write_tokens(layers, [kv[0], kv[1]], paged.slots([3, 0, 5], 0, 40))
+    kernel_write(paged, layers, kv, [3, 0, 5])
     engine = CacheEngine(
         Namespace("fp", layout), TierStack([MemoryBackend(1 << 24)], write_queue_bytes=1 << 20), chunk_size=32
     )
@@ -111,108 +128,3 @@ def test_cpu_engine_store_reads_blocks_exactly(tmp_path):
         hit = engine.retrieve(tokens)
         assert hit.num_tokens == 40
         assert all(torch.equal(hit.layers[i], kv[i]) for i in range(2))
-
-
-# -- the connector's two sides, without an engine --------------------------------------------------------------
-
-
-class FakeRequest:
-    """The attributes of a vLLM ``Request`` that ``compat.RequestView`` reads."""
-
-    def __init__(self, req_id: str, tokens: list[int], cache_salt: str | None = None) -> None:
-        self.request_id = req_id
-        self.all_token_ids = list(tokens)
-        self.cache_salt = cache_salt
-        self.num_prompt_tokens = len(tokens)
-        self.num_computed_tokens = 0
-        self.lora_request = None
-        self.mm_features = []
-        self.prompt_embeds = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.all_token_ids)
-
-
-def scheduler_output(new: list[tuple[str, int, list[int]]], scheduled: dict[str, int]) -> SimpleNamespace:
-    """A ``SchedulerOutput`` with new requests only: (req_id, num_computed_tokens, block_ids)."""
-    return SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c, block_ids=(b,)) for r, c, b in new],
-        scheduled_cached_reqs=SimpleNamespace(
-            req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set()
-        ),
-        num_scheduled_tokens=scheduled,
-    )
-
-
-def _logging_state() -> list:
-    return [(lg.level, list(lg.handlers), lg.propagate) for lg in (logging.root, logging.getLogger("kvtier"))]
-
-
-@pytest.fixture
-def sides(tmp_path):
-    """(scheduler side, worker side) over one cache dir, the worker's blocks written by a reference kernel."""
-    pytest.importorskip("vllm", reason="the step metadata subclasses vLLM's KVConnectorMetadata")
-    before = _logging_state()
-    import kvtier.adapters.vllm.connector  # noqa: F401  (the facade vLLM loads)
-    from kvtier.adapters.vllm.scheduler import SchedulerSide
-    from kvtier.adapters.vllm.settings import ConnectorSettings
-    from kvtier.adapters.vllm.worker import WorkerSide
-
-    config = load_config(env={}, overrides={"cache_dir": str(tmp_path), "chunk_size": 32, "l1.max_bytes": "16MB"})
-    settings = ConnectorSettings(config, Namespace("fp", KVLayout(2, H, D)), BS, None)
-    worker = WorkerSide(settings)
-    scheduler = SchedulerSide(settings)
-    assert _logging_state() == before  # no global logging changes: kvtier serve / the embedder configures logging
-    worker.layers = [layer_for("cpu-k-transposed") for _ in range(2)]
-    worker.paged = probe_layout(worker.layers[0], H, D, BS, writer("cpu-k-transposed"))
-    yield scheduler, worker
-    scheduler.close()
-    worker.close()
-    assert _logging_state() == before
-
-
-def test_store_in_one_request_then_load_in_another(sides):
-    from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
-
-    scheduler, worker = sides
-    tokens = list(range(500, 540))  # one full 32-token chunk and an 8-token tail
-    kv = torch.randn(2, 2, H, 40, D)
-    worker.paged.write_tokens(worker.layers, [kv[0], kv[1]], worker.paged.slots([4, 1, 3], 0, 40))
-
-    a = FakeRequest("a", tokens)
-    assert scheduler.matched(RequestView(a), 0) == 0
-    scheduler.after_alloc(RequestView(a), 0)
-    meta = scheduler.build_meta(list(scheduled_requests(scheduler_output([("a", 0, [4, 1, 3])], {"a": 40}))))
-    assert meta.loads == [] and [(op.req_id, len(op.tokens), op.final) for op in meta.stores] == [("a", 32, False)]
-    for op in meta.stores:
-        worker.store(op)
-    a.num_computed_tokens = 40
-    assert scheduler.finished(RequestView(a), [4, 1, 3])  # the trailing 8 tokens: blocks held one more step
-    meta = scheduler.build_meta([])
-    assert [(len(op.tokens), op.final) for op in meta.stores] == [(40, True)]
-    worker.store(meta.stores[0])
-    assert worker.take_finished() == {"a"} and worker.stats.stored_chunks == 2
-    assert worker.base.flush(10)
-
-    b = FakeRequest("b", [*tokens, 7])  # the scheduler sees the worker's disk writes
-    assert scheduler.matched(RequestView(b), 0) == 40
-    scheduler.after_alloc(RequestView(b), 40)
-    meta = scheduler.build_meta(list(scheduled_requests(scheduler_output([("b", 40, [2, 5, 0])], {"b": 1}))))
-    (load,) = meta.loads
-    assert (load.start, load.end, load.block_ids) == (0, 40, [2, 5, 0])
-    worker.start_loads(meta.loads)
-    assert worker.take_load_errors() == set()
-    assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 40), kv)
-
-
-def test_a_failed_load_reports_its_blocks_and_skips_the_store(sides):
-    from kvtier.adapters.vllm.metadata import LoadOp, StoreOp
-
-    _, worker = sides
-    tokens = list(range(40))
-    worker.start_loads([LoadOp("c", tokens, 16, 40, [3, 1, 2], "nobody stored this")])
-    worker.store(StoreOp("c", tokens[:32], [3, 1, 2], "nobody stored this"))
-    assert worker.take_load_errors() == {1, 2}  # the blocks of [16, 40); block 3 was vLLM's own
-    assert worker.stats.failed_loads == 1 and worker.stats.stored_chunks == 0
-    assert worker.base.metrics.load_failures._value.get() == 1

@@ -158,9 +158,14 @@ def scheduled_requests(so: SchedulerOutput) -> Iterator[ScheduledRequest]:
         )
 
 
-def invalid_block_ids(output: KVConnectorOutput) -> set[int]:
-    """The blocks the worker reported from ``get_block_ids_with_load_errors`` this step."""
-    return set(output.invalid_block_ids or ())
+def finished_loads(output: KVConnectorOutput) -> set[str]:
+    """The requests whose asynchronous load the worker reported over this step (filled or not)."""
+    return set(output.finished_recving or ())
+
+
+def block_ids(blocks: KVCacheBlocks) -> list[int]:
+    """All block ids of a request's allocation (one KV cache group)."""
+    return list(blocks.get_block_ids()[0])
 
 
 # -- worker side: the cache-write kernel ----------------------------------------------------------------------

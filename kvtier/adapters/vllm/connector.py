@@ -7,8 +7,10 @@ vLLM builds two instances in two processes:
   and tells the worker, in each step's metadata (:mod:`.metadata`), what to
   load and what to store;
 * the **worker side** (the process that runs the model, :mod:`.worker`) loads
-  chunks into vLLM's paged blocks before the forward and stores new full
-  chunks after it.
+  chunks into vLLM's paged blocks on its own threads while vLLM steps other
+  requests (``get_num_new_matched_tokens`` answers ``(n, True)``: the request
+  waits in ``WAITING_FOR_REMOTE_KVS`` until ``get_finished`` reports it), and
+  stores each finished request from its held blocks on a store thread.
 
 How the scheduler sees what the worker stored: through the shared tiers.
 The scheduler's engine is an *observer* (``TierAccess.observer()``): no L1,
@@ -27,7 +29,7 @@ Tenants (:mod:`.tenants`): a request's ``cache_salt`` becomes the tenant salt
 of its namespace (combined with the configured ``tenant``), so different
 salts never share a chunk. The trailing partial chunk of a finished request
 is stored too (``store_partial``): its blocks are held (``request_finished``
-returns True) until the worker has copied them, one step later.
+returns True) until the worker has copied them (``get_finished``'s sending set).
 
 Logging: the connector logs to the ``kvtier.*`` loggers and configures no
 logging itself. ``kvtier serve`` hands vLLM a logging config with a
@@ -84,11 +86,11 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        return self._scheduler.matched(compat.RequestView(request), num_computed_tokens), False  # a sync load
+        return self._scheduler.matched(compat.RequestView(request), num_computed_tokens)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self._scheduler is not None
-        self._scheduler.after_alloc(compat.RequestView(request), num_external_tokens)
+        self._scheduler.after_alloc(compat.RequestView(request), compat.block_ids(blocks), num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
@@ -100,9 +102,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         if self._scheduler is not None:
-            invalid = compat.invalid_block_ids(connector_output)
-            if invalid:
-                self._scheduler.failed_blocks(invalid)
+            self._scheduler.loads_done(compat.finished_loads(connector_output))
 
     # -- worker side ---------------------------------------------------------------------------------------------
 
@@ -115,10 +115,10 @@ class KvtierConnector(KVConnectorBase_V1):
         self._worker.start_loads(self._step().loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads are synchronous, done in start_load_kv before the forward
+        return  # a load fills whole requests, before vLLM schedules them (async) or before the forward (sync)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # stores read whole chunks from the blocks in wait_for_save
+        return  # stores copy finished requests' held blocks on the worker's store thread
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
@@ -127,7 +127,8 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        return self._worker.take_finished() or None, None
+        stored, loaded = self._worker.take_finished()
+        return stored or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         assert self._worker is not None

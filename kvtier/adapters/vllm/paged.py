@@ -18,8 +18,10 @@ So the layout is never assumed: :func:`probe_layout` writes known values
 through the engine's own cache-write kernel into a scratch block and picks the
 candidate view (from :data:`CANDIDATES`) that reads them back exactly; an
 unknown packing is refused (the connector then serves no hits) rather than
-read as garbage. Writes always go through the engine's kernel (a
-:data:`WriteFn`), so they are right for any ISA.
+read as garbage. Because the probe matches every element of two blocks, the
+chosen view is exactly the kernel's mapping: loads write through it
+(:meth:`PagedLayout.scatter`, a strided copy per layer, K/V and block, no
+temporary) and stores read through it (:meth:`PagedLayout.read`).
 
 Nothing here imports vLLM: the kernel is passed in.
 """
@@ -112,28 +114,50 @@ class PagedLayout:
             raise ValueError(f"tokens up to {end} need {-(-end // self.block_size)} blocks, got {len(block_ids)}")
         return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def read(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
-        """A new [L, 2, H, end-start, D] tensor with the KV of token positions [start, end)."""
+    def _pieces(self, block_ids: Sequence[int], start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """(block id, offset in block, offset in [start, end), length) for each block [start, end) touches."""
         if not 0 <= start < end:
             raise ValueError(f"bad token range [{start}, {end})")
-        first, last = start // self.block_size, -(-end // self.block_size)
-        if last > len(block_ids):
-            raise ValueError(f"tokens up to {end} need {last} blocks, got {len(block_ids)}")
-        ids = torch.as_tensor(list(block_ids[first:last]), dtype=torch.int64)
-        lo = start - first * self.block_size
-        n = end - start
-        sample = layers[0]
-        out = torch.empty((len(layers), 2, self.num_kv_heads, n, self.head_dim), dtype=sample.dtype)
+        bs = self.block_size
+        if end > len(block_ids) * bs:
+            raise ValueError(f"tokens up to {end} need {-(-end // bs)} blocks, got {len(block_ids)}")
+        pieces = []
+        pos = start
+        while pos < end:
+            b, off = divmod(pos, bs)
+            take = min(bs - off, end - pos)
+            pieces.append((block_ids[b], off, pos - start, take))
+            pos += take
+        return pieces
+
+    def read(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
+        """A new [L, 2, H, end-start, D] tensor with the KV of token positions [start, end)."""
+        pieces = self._pieces(block_ids, start, end)
+        out = torch.empty(
+            (len(layers), 2, self.num_kv_heads, end - start, self.head_dim), dtype=layers[0].dtype if layers else None
+        )
         for li, layer in enumerate(layers):
             for kv, view in enumerate(self.kv_views(layer)):
-                blocks = view.index_select(0, ids)  # [b, H, bs, D]
-                out[li, kv].copy_(blocks.transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, lo : lo + n])
+                for block, off, at, n in pieces:
+                    out[li, kv, :, at : at + n].copy_(view[block, :, off : off + n])
         return out
 
-    def write_tokens(self, layers: Sequence[torch.Tensor], kv: Sequence[torch.Tensor], slots: torch.Tensor) -> None:
-        """Write per-layer KV ``kv[l]`` ([2, H, T, D]) at ``slots`` ([T]) through the engine's kernel."""
-        for layer, layer_kv in zip(layers, kv, strict=True):
-            self.write(layer_kv[0].transpose(0, 1), layer_kv[1].transpose(0, 1), layer, slots)
+    def scatter(self, layers: Sequence[torch.Tensor], block_ids: Sequence[int], start: int, kv: torch.Tensor) -> None:
+        """Write ``kv`` ([L, 2, H, T, D]) as the KV of token positions [start, start+T) into the blocks.
+
+        Copies straight into the blocks through the probed views, one strided
+        copy per (layer, K/V, block): no temporary. The probe checked, element
+        by element, that a view reads exactly what the engine's kernel wrote,
+        so writing through it puts every value where the kernel would.
+        """
+        if kv.dim() != 5 or kv.shape[0] != len(layers) or kv.shape[1] != 2:
+            raise ValueError(f"KV of shape {tuple(kv.shape)} is not [L={len(layers)}, 2, H, T, D]")
+        pieces = self._pieces(block_ids, start, start + kv.shape[3])
+        for li, layer in enumerate(layers):
+            for half, view in enumerate(self.kv_views(layer)):
+                src = kv[li, half]
+                for block, off, at, n in pieces:
+                    view[block, :, off : off + n].copy_(src[:, at : at + n])
 
 
 def probe_layout(

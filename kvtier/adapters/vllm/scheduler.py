@@ -3,8 +3,10 @@
 Its engine is an *observer* (:meth:`TierAccess.observer`): no L1, the disk
 tier read-only and watched, Redis as configured. It sees what the worker
 stored once the worker's write-behind lands it on disk or in Redis. Each
-step it tells the worker what to load (the kvtier hit it promised vLLM) and
-what to store (chunks whose tokens are all computed), in :class:`KvtierMetadata`.
+step it tells the worker, in :class:`KvtierMetadata`, what to load (the
+kvtier hits it promised vLLM: planned at allocation for asynchronous loads,
+at scheduling for synchronous ones) and what to store (finished requests,
+whose blocks vLLM holds until the worker has copied them).
 """
 
 from __future__ import annotations
@@ -28,61 +30,76 @@ class _Tracked:
 
     request: RequestView
     block_ids: list[int] = field(default_factory=list)
-    stored: int = 0  # tokens up to which stores were issued
-    load_tokens: int = 0  # external tokens promised by the last after_alloc, not yet sent
+    load_tokens: int = 0  # external tokens promised by the last after_alloc, not yet sent (synchronous loads)
 
 
 class SchedulerSide:
     def __init__(self, settings: ConnectorSettings) -> None:
         self.settings = settings
         self.chunk_size = settings.config.chunk_size
+        self.async_loads = settings.config.vllm.async_loads
         base = CacheEngine.from_config(settings.config, settings.namespace, access=TierAccess.observer()).start()
         self.engines = TenantEngines(base, settings.config.tenant)
         self.tracked: dict[str, _Tracked] = {}
+        self.pending_loads: list[LoadOp] = []  # async loads planned in after_alloc, sent with the next metadata
+        self.loading: set[str] = set()  # async loads the worker has not reported done
         self.finishing: list[StoreOp] = []
-        self.hit_tiers: dict[str, str] = {}  # req id -> "l2:512+l3:256" of the last lookup
+        self.hits: dict[str, tuple[int, str]] = {}  # req id -> (vLLM's computed tokens, "l2:512+l3:256") at lookup
         log.info(
-            "kvtier connector (scheduler): chunk_size %d, tiers %s, namespace %s",
+            "kvtier connector (scheduler): chunk_size %d, tiers %s, namespace %s, %s loads",
             self.chunk_size,
             base.tiers.names,
             base.namespace.digest.hex()[:16],
+            "asynchronous" if self.async_loads else "synchronous",
         )
 
-    def matched(self, request: RequestView, num_computed_tokens: int) -> int:
-        """kvtier tokens beyond vLLM's own ``num_computed_tokens``; at most all prompt tokens but one."""
+    def matched(self, request: RequestView, num_computed_tokens: int) -> tuple[int, bool]:
+        """(kvtier tokens beyond vLLM's own ``num_computed_tokens``, whether they load asynchronously).
+
+        At most all prompt tokens but one (vLLM must compute the last one to sample).
+        """
         if request.unsupported() is not None:
-            return 0
+            return 0, False
         n = request.num_tokens
         try:
             found = self.engines.get(request.cache_salt).lookup(request.tokens(n), max_tokens=n - 1)
         except Exception:  # a kvtier fault is a miss, never a scheduler crash
             log.exception("request %s: kvtier lookup failed", request.id)
-            return 0
-        self.hit_tiers[request.id] = found.tiers
-        return max(0, found.num_tokens - num_computed_tokens)
+            return 0, False
+        extra = max(0, found.num_tokens - num_computed_tokens)
+        self.hits[request.id] = (num_computed_tokens, found.tiers)
+        return extra, self.async_loads and extra > 0
 
-    def after_alloc(self, request: RequestView, num_external_tokens: int) -> None:
+    def after_alloc(self, request: RequestView, block_ids: list[int], num_external_tokens: int) -> None:
+        """vLLM allocated ``block_ids`` (all the request's blocks) for ``num_external_tokens`` kvtier tokens."""
         tracked = self.tracked.setdefault(request.id, _Tracked(request))
-        tracked.load_tokens = num_external_tokens
-        if num_external_tokens:
-            log.info(
-                "request %s: %d of %d prompt tokens from kvtier (%s)",
-                request.id,
-                num_external_tokens,
-                request.num_tokens,
-                self.hit_tiers.get(request.id, "?"),
-            )
-        self.hit_tiers.pop(request.id, None)
+        local, tiers = self.hits.pop(request.id, (0, "?"))
+        if not num_external_tokens:
+            return
+        log.info(
+            "request %s: %d of %d prompt tokens from kvtier (%s)",
+            request.id,
+            num_external_tokens,
+            request.num_tokens,
+            tiers,
+        )
+        if not self.async_loads:
+            tracked.load_tokens = num_external_tokens  # sent when the request is scheduled (build_meta)
+            return
+        end = local + num_external_tokens
+        self.pending_loads.append(
+            LoadOp(request.id, request.tokens(end), local, end, list(block_ids), request.cache_salt)
+        )
+        self.loading.add(request.id)
 
-    def failed_blocks(self, block_ids: set[int]) -> None:
-        """The worker could not fill these blocks: vLLM recomputes them, and they must be stored again."""
-        for tracked in self.tracked.values():
-            if block_ids.intersection(tracked.block_ids):
-                tracked.stored = 0
+    def loads_done(self, req_ids: set[str]) -> None:
+        """The worker reported these async loads over (filled or not: load errors say which blocks were not)."""
+        self.loading -= req_ids
 
     def build_meta(self, scheduled: list[ScheduledRequest]) -> KvtierMetadata:
-        """This step's loads and stores, plus the stores of requests that finished since the last step."""
-        meta = KvtierMetadata()
+        """This step's loads, plus the stores of requests that finished since the last step."""
+        meta = KvtierMetadata(loads=self.pending_loads)
+        self.pending_loads = []
         for s in scheduled:
             tracked = self.tracked.get(s.req_id)
             if tracked is None:
@@ -91,32 +108,22 @@ class SchedulerSide:
                 tracked.block_ids = s.block_ids
             else:
                 tracked.block_ids.extend(s.block_ids)
-            self._plan(meta, tracked, s.num_computed_tokens, s.num_scheduled_tokens)
+            if tracked.load_tokens:  # a synchronous load: runs before this step's forward
+                request, before = tracked.request, s.num_computed_tokens
+                meta.loads.append(
+                    LoadOp(
+                        request.id,
+                        request.tokens(before),
+                        before - tracked.load_tokens,
+                        before,
+                        list(tracked.block_ids),
+                        request.cache_salt,
+                    )
+                )
+                tracked.load_tokens = 0
         meta.stores.extend(self.finishing)
         self.finishing = []
         return meta
-
-    def _plan(self, meta: KvtierMetadata, tracked: _Tracked, computed_before: int, scheduled: int) -> None:
-        request = tracked.request
-        if tracked.load_tokens:
-            start = computed_before - tracked.load_tokens
-            meta.loads.append(
-                LoadOp(
-                    request.id,
-                    request.tokens(computed_before),
-                    start,
-                    computed_before,
-                    list(tracked.block_ids),
-                    request.cache_salt,
-                )
-            )
-            tracked.load_tokens = 0
-        if request.unsupported() is not None:
-            return
-        full = self._storable(request, computed_before + scheduled) // self.chunk_size * self.chunk_size
-        if full > tracked.stored:
-            meta.stores.append(StoreOp(request.id, request.tokens(full), list(tracked.block_ids), request.cache_salt))
-            tracked.stored = full
 
     def _storable(self, request: RequestView, computed: int) -> int:
         """How many leading tokens of a request may be stored once ``computed`` tokens have KV."""
@@ -126,13 +133,19 @@ class SchedulerSide:
         return limit
 
     def finished(self, request: RequestView, block_ids: list[int]) -> bool:
-        """Queue the trailing partial chunk of a finished request; True holds its blocks until it is copied."""
-        tracked = self.tracked.pop(request.id, None)
-        self.hit_tiers.pop(request.id, None)
-        if tracked is None or not self.settings.config.store_partial or request.unsupported() is not None:
+        """Queue the store of a finished request; True holds its blocks until the worker has copied them.
+
+        A request whose async load is still running is not stored (its blocks
+        are not all filled); vLLM frees its blocks once the load is reported.
+        """
+        self.tracked.pop(request.id, None)
+        self.hits.pop(request.id, None)
+        if request.id in self.loading or request.unsupported() is not None:
             return False
-        n = self._storable(tracked.request, request.num_computed_tokens)
-        if n <= tracked.stored or not block_ids:
+        n = self._storable(request, request.num_computed_tokens)
+        if not self.settings.config.store_partial:
+            n = n // self.chunk_size * self.chunk_size
+        if n <= 0 or not block_ids:
             return False
         self.finishing.append(StoreOp(request.id, request.tokens(n), list(block_ids), request.cache_salt, True))
         return True

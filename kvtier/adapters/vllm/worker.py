@@ -1,17 +1,38 @@
-"""The worker side of the connector (the process that runs the model): loads before the forward, stores after it.
+"""The worker side of the connector (the process that runs the model): loads into vLLM's blocks, stores out of them.
 
 Its engine has every configured tier, the disk folder shared with the
-scheduler's (:meth:`TierAccess.shared`: watched). Loads are synchronous:
-:meth:`WorkerSide.load` retrieves and writes one request's KV through vLLM's
-own cache kernel and touches no other state, so an asynchronous version can
-run it on an I/O thread and hand its result to :meth:`WorkerSide.finish_load`.
-Whatever a load cannot fill is reported as load errors; vLLM recomputes it.
+scheduler's (:meth:`TierAccess.shared`: watched).
+
+**Loads** (:class:`_Load`) run on kvtier's own threads (``vllm.load_threads``)
+while vLLM keeps stepping the other requests; the request waits in vLLM's
+``WAITING_FOR_REMOTE_KVS`` until :meth:`WorkerSide.take_finished` reports it.
+Each chunk goes from the tier straight into the request's blocks
+(:meth:`CacheEngine.retrieve` with a sink, :meth:`PagedLayout.scatter`): no
+prefix-sized temporary. A load still running at its deadline
+(``vllm.load_deadline_s``) is cancelled under its lock, so no write into the
+blocks can happen once it is reported, and what it had written so far is
+kept. Whatever a load did not fill becomes load errors; vLLM recomputes it.
+With ``vllm.async_loads = false`` the same load runs inline before the forward.
+
+**Stores** (:class:`_Store`) happen once per request, when it finishes: the
+scheduler holds its blocks (``request_finished`` returns True) and the
+worker's store thread copies them out, chunk by chunk, and hands the chunks to
+the tiers; only then is the request reported as finished sending, so vLLM
+frees the blocks. The forward never waits for a store. The store queue is
+bounded in KV bytes (``vllm.store_queue_bytes``): a store that does not fit is
+dropped, counted, and its blocks are released at once.
+
+Nothing here raises into vLLM: a kvtier fault is a recompute or a later miss.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,17 +49,55 @@ from kvtier.storage import TierAccess
 log = logging.getLogger("kvtier.vllm")
 
 
+@dataclass
+class _Load:
+    """One request's load. ``filled`` and ``cancelled`` change only under ``lock``."""
+
+    op: LoadOp
+    queued: float = field(default_factory=time.perf_counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    filled: int = -1  # tokens [op.start, filled) are in the blocks; set to op.start when the load starts
+    cancelled: bool = False
+    tiers: str = "none"
+    future: Future[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.filled = self.op.start
+
+    def cancel(self) -> int:
+        """Stop all further writes into the blocks; returns how far the blocks are filled."""
+        with self.lock:
+            self.cancelled = True
+            return self.filled
+
+
+@dataclass
+class _Store:
+    op: StoreOp
+    nbytes: int
+    queued: float = field(default_factory=time.perf_counter)
+
+
 class WorkerSide:
     def __init__(self, settings: ConnectorSettings) -> None:
         self.settings = settings
+        self.options = settings.config.vllm
         self.base = CacheEngine.from_config(settings.config, settings.namespace, access=TierAccess.shared()).start()
         self.engines = TenantEngines(self.base, settings.config.tenant)
+        self.metrics = self.base.metrics
         self.layers: list[torch.Tensor] = []
         self.paged: PagedLayout | None = None
         self.stats = WorkerStats()
+        self._lock = threading.Lock()  # guards the sets and counters below (load and store threads report here)
         self._load_errors: set[int] = set()
-        self._failed_reqs: set[str] = set()  # requests whose load failed in the current step
-        self._finished: set[str] = set()
+        self._loads: dict[str, _Load] = {}  # in flight (async)
+        self._loaded: set[str] = set()  # async loads done, not yet reported
+        self._stored: set[str] = set()  # finished requests whose blocks may be freed, not yet reported
+        self._queued_bytes = 0
+        self._loader = ThreadPoolExecutor(self.options.load_threads, thread_name_prefix="kvtier-load")
+        self._store_queue: queue.Queue[_Store | None] = queue.Queue()
+        self._storer = threading.Thread(target=self._store_loop, name="kvtier-store", daemon=True)
+        self._storer.start()
         self._metrics = MetricsEndpoint(self.base.metrics, settings.metrics_port)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -63,97 +122,185 @@ class WorkerSide:
         self.layers = layers
         self.paged = paged
         log.info(
-            "kvtier connector (worker): %d layers %s, block layout %s, tiers %s",
+            "kvtier connector (worker): %d layers %s, block layout %s, tiers %s, %s loads",
             len(layers),
             tuple(sample.shape),
             paged.name,
             self.base.tiers.names,
+            "asynchronous" if self.options.async_loads else "synchronous",
         )
 
+    # -- loads -------------------------------------------------------------------------------------------------
+
     def start_loads(self, ops: list[LoadOp]) -> None:
-        """This step's loads, one after the other, before the forward."""
+        """Start this step's loads: on the load threads, or (``async_loads = false``) here, one after the other."""
         for op in ops:
-            self.finish_load(op, self.load(op))
+            job = _Load(op)
+            if not self.options.async_loads:
+                self._finish_load(job, self._run_load(job))
+                continue
+            with self._lock:
+                self._loads[op.req_id] = job
+            self.metrics.loads_in_flight.inc()
+            job.future = self._loader.submit(self._run_load, job)
+            job.future.add_done_callback(lambda _f, req_id=op.req_id: self._mark_loaded(req_id))
 
-    def load(self, op: LoadOp) -> int:
-        """Write [op.start, got) into the request's blocks and return ``got`` (``op.start``: nothing written).
+    def _mark_loaded(self, req_id: str) -> None:
+        with self._lock:
+            if req_id in self._loads:
+                self._loaded.add(req_id)
 
-        Never raises, and changes only the request's blocks: a failed write
-        returns ``op.start``, so the blocks are recomputed, never run half-written.
+    def _run_load(self, job: _Load) -> int:
+        """Fill the blocks chunk by chunk; returns how far they are filled. Never raises.
+
+        Writes only the request's own blocks, each piece under ``job.lock``
+        and only while the job is not cancelled.
         """
         assert self.paged is not None
-        t0 = time.perf_counter()
-        got = op.start
-        tiers = "none"
+        paged, op = self.paged, job.op
+
+        def sink(start: int, end: int, kv: torch.Tensor) -> bool:
+            with job.lock:
+                if job.cancelled:
+                    return False
+                paged.scatter(self.layers, op.block_ids, start, kv)
+                job.filled = end
+                return True
+
         try:
-            found = self.engines.get(op.cache_salt).retrieve(op.tokens, max_tokens=op.end, start=op.start)
-            if found.num_tokens > op.start:
-                slots = self.paged.slots(op.block_ids, op.start, found.num_tokens)
-                self.paged.write_tokens(self.layers, found.layers, slots)
-                got = found.num_tokens
-                tiers = found.tiers
-        except Exception:  # never run on half-written KV: report the blocks, vLLM recomputes them
+            found = self.engines.get(op.cache_salt).retrieve(op.tokens, max_tokens=op.end, start=op.start, sink=sink)
+            job.tiers = found.tiers
+        except Exception:  # never run on half-written KV: what is not filled is recomputed
             log.exception("request %s: kvtier load failed", op.req_id)
-            got = op.start
+        with job.lock:
+            return job.filled
+
+    def _finish_load(self, job: _Load, filled: int) -> None:
+        """Account for a load that filled [op.start, filled): the blocks of [filled, op.end) become load errors."""
+        op = job.op
+        elapsed = time.perf_counter() - job.queued
+        self.metrics.load_seconds.observe(elapsed)
         log.info(
             "request %s: loaded %d tokens [%d, %d) from kvtier (%s) in %.1f ms",
             op.req_id,
-            got - op.start,
+            filled - op.start,
             op.start,
-            got,
-            tiers,
-            1e3 * (time.perf_counter() - t0),
+            filled,
+            job.tiers,
+            1e3 * elapsed,
         )
-        return got
-
-    def finish_load(self, op: LoadOp, got: int) -> None:
-        """Account for a load that filled [op.start, got): the blocks of [got, op.end) become load errors."""
-        self.stats.loaded_tokens += got - op.start
-        if got >= op.end:
-            return
         bs = self.settings.block_size
-        bad = op.block_ids[got // bs : -(-op.end // bs)]
-        self._load_errors.update(bad)
-        self._failed_reqs.add(op.req_id)
-        self.stats.failed_loads += 1
-        self.base.metrics.load_failures.inc()
+        bad = op.block_ids[filled // bs : -(-op.end // bs)] if filled < op.end else []
+        with self._lock:
+            self.stats.loaded_tokens += filled - op.start
+            if not bad:
+                return
+            self._load_errors.update(bad)
+            self.stats.failed_loads += 1
+        self.metrics.load_failures.inc()
         log.warning(
             "request %s: kvtier loaded %d of %d promised tokens; %d blocks will be recomputed",
             op.req_id,
-            got - op.start,
+            filled - op.start,
             op.end - op.start,
             len(bad),
         )
 
+    def _collect_loads(self) -> set[str]:
+        """Async loads that finished, or ran past their deadline (cancelled), since the last call."""
+        now = time.perf_counter()
+        with self._lock:
+            done = [self._loads.pop(r) for r in self._loaded]
+            self._loaded = set()
+            late = [j for j in self._loads.values() if now - j.queued > self.options.load_deadline_s]
+            for job in late:
+                del self._loads[job.op.req_id]
+        for job in done:
+            assert job.future is not None
+            self._finish_load(job, job.future.result())
+        for job in late:
+            filled = job.cancel()  # from here on the load thread writes nothing into the blocks
+            self.metrics.load_timeouts.inc()
+            log.warning("request %s: kvtier load past its %.1f s deadline", job.op.req_id, self.options.load_deadline_s)
+            self._finish_load(job, filled)
+        self.metrics.loads_in_flight.dec(len(done) + len(late))
+        return {j.op.req_id for j in done + late}
+
+    # -- stores ------------------------------------------------------------------------------------------------
+
     def store(self, op: StoreOp) -> None:
-        """Store the chunks of ``op`` not stored yet (copied out of the blocks before returning)."""
+        """Queue a finished request's store; its blocks stay held until the store thread has copied them."""
         assert self.paged is not None
-        if op.req_id in self._failed_reqs:
-            # This step ran on blocks a failed load left unfilled; vLLM recomputes them, stores come later.
+        nbytes = len(op.tokens) * self.settings.namespace.layout.bytes_per_token
+        with self._lock:
+            fits = self._queued_bytes == 0 or self._queued_bytes + nbytes <= int(self.options.store_queue_bytes)
+            if fits:
+                self._queued_bytes += nbytes
+            else:
+                self._stored.add(op.req_id)
+        if not fits:
+            self.metrics.dropped_stores.inc()
+            log.warning("request %s: kvtier store queue full, %d tokens not stored", op.req_id, len(op.tokens))
             return
+        self.metrics.store_queue_bytes.inc(nbytes)
+        self._store_queue.put(_Store(op, nbytes))
+
+    def _store_loop(self) -> None:
+        while (job := self._store_queue.get()) is not None:
+            self._run_store(job)
+
+    def _run_store(self, job: _Store) -> None:
+        assert self.paged is not None
+        op = job.op
         try:
             source = PagedKV(self.paged, self.layers, op.block_ids, len(op.tokens))
-            result = self.engines.get(op.cache_salt).store(op.tokens, source)
-            self.stats.stored_chunks += result.stored_chunks
+            result = self.engines.get(op.cache_salt).store(op.tokens, source)  # copies out of the blocks
+            with self._lock:
+                self.stats.stored_chunks += result.stored_chunks
             if result.stored_chunks:
                 log.debug("request %s: stored %d chunks (%d tokens)", op.req_id, result.stored_chunks, len(op.tokens))
         except Exception:  # a failed store is a later miss, never a failed request
             log.exception("request %s: kvtier store failed", op.req_id)
-        if op.final:
-            self._finished.add(op.req_id)
+        finally:
+            with self._lock:
+                self._queued_bytes -= job.nbytes
+                self._stored.add(op.req_id)
+            self.metrics.store_queue_bytes.dec(job.nbytes)
+            self.metrics.store_seconds.observe(time.perf_counter() - job.queued)
 
-    def take_finished(self) -> set[str]:
-        """Finished requests whose held blocks the worker has copied (vLLM may free them)."""
-        done, self._finished = self._finished, set()
-        return done
+    # -- what vLLM polls each step -----------------------------------------------------------------------------
+
+    def take_finished(self) -> tuple[set[str], set[str]]:
+        """(finished requests whose held blocks were copied out, requests whose async load is over)."""
+        loaded = self._collect_loads()
+        with self._lock:
+            stored, self._stored = self._stored, set()
+        return stored, loaded
 
     def take_load_errors(self) -> set[int]:
-        """Blocks this step promised but could not fill (called once per step, after the stores)."""
-        errors, self._load_errors = self._load_errors, set()
-        self._failed_reqs = set()
+        """Blocks promised but not filled, for the loads reported so far (vLLM calls this after take_finished)."""
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until queued loads and stores are done and the tiers' write-behind has landed; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                busy = self._queued_bytes > 0 or any(j.future and not j.future.done() for j in self._loads.values())
+            if not busy:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        return self.base.flush(left)
+
     def close(self) -> None:
+        self._store_queue.put(None)
+        self._storer.join()
+        self._loader.shutdown(wait=True, cancel_futures=False)
         log.info("kvtier connector (worker): %s", self.stats)
         self.base.close()
         self._metrics.close()

@@ -1,0 +1,244 @@
+"""The connector's scheduler and worker sides without a vLLM engine, driven with stand-ins for vLLM's request and
+scheduler output: asynchronous and synchronous loads, deadlines, failed loads, stores of finished requests."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_vllm_paged import BS, D, H, kernel_write, layer_for, writer
+
+from kvtier.adapters.vllm.paged import probe_layout
+from kvtier.config import load_config
+from kvtier.keys import Namespace
+from kvtier.layout import KVLayout
+
+pytest.importorskip("vllm", reason="the step metadata subclasses vLLM's KVConnectorMetadata")
+
+
+class FakeRequest:
+    """The attributes of a vLLM ``Request`` that ``compat.RequestView`` reads."""
+
+    def __init__(self, req_id: str, tokens: list[int], cache_salt: str | None = None) -> None:
+        self.request_id = req_id
+        self.all_token_ids = list(tokens)
+        self.cache_salt = cache_salt
+        self.num_prompt_tokens = len(tokens)
+        self.num_computed_tokens = 0
+        self.lora_request = None
+        self.mm_features = []
+        self.prompt_embeds = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+def scheduler_output(new: list[tuple[str, int, list[int]]], scheduled: dict[str, int]) -> SimpleNamespace:
+    """A ``SchedulerOutput`` with new requests only: (req_id, num_computed_tokens, block_ids)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, num_computed_tokens=c, block_ids=(b,)) for r, c, b in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[], new_block_ids=[], num_computed_tokens=[], resumed_req_ids=set()
+        ),
+        num_scheduled_tokens=scheduled,
+    )
+
+
+def _logging_state() -> list:
+    return [(lg.level, list(lg.handlers), lg.propagate) for lg in (logging.root, logging.getLogger("kvtier"))]
+
+
+@pytest.fixture
+def make_sides(tmp_path):
+    """make(**overrides) -> (scheduler side, worker side) over one cache dir, blocks written by a reference kernel."""
+    before = _logging_state()
+    import kvtier.adapters.vllm.connector  # noqa: F401  (the facade vLLM loads)
+    from kvtier.adapters.vllm.scheduler import SchedulerSide
+    from kvtier.adapters.vllm.settings import ConnectorSettings
+    from kvtier.adapters.vllm.worker import WorkerSide
+
+    made = []
+
+    def make(**overrides):
+        config = load_config(
+            env={},
+            overrides={"cache_dir": str(tmp_path), "chunk_size": 32, "l1.max_bytes": "16MB", **overrides},
+        )
+        settings = ConnectorSettings(config, Namespace("fp", KVLayout(2, H, D)), BS, None)
+        worker = WorkerSide(settings)
+        scheduler = SchedulerSide(settings)
+        assert _logging_state() == before  # no global logging changes: kvtier serve / the embedder does that
+        worker.layers = [layer_for("cpu-k-transposed", num_blocks=8) for _ in range(2)]
+        worker.paged = probe_layout(worker.layers[0], H, D, BS, writer("cpu-k-transposed"))
+        made.append((scheduler, worker))
+        return scheduler, worker
+
+    yield make
+    for scheduler, worker in made:
+        scheduler.close()
+        worker.close()
+    assert _logging_state() == before
+
+
+def wait_finished(worker, timeout: float = 10.0) -> tuple[set[str], set[str]]:
+    """Poll take_finished as vLLM does each step until something is reported."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stored, loaded = worker.take_finished()
+        if stored or loaded:
+            return stored, loaded
+        time.sleep(0.002)
+    raise AssertionError("nothing finished")
+
+
+def store_request(scheduler, worker, req_id: str, tokens: list[int], kv: torch.Tensor, block_ids: list[int]) -> None:
+    """Run one request through the scheduler and worker: computed, finished, stored from its held blocks."""
+    from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
+
+    kernel_write(worker.paged, worker.layers, kv, block_ids)
+    request = FakeRequest(req_id, tokens)
+    assert scheduler.matched(RequestView(request), 0) == (0, False)
+    scheduler.after_alloc(RequestView(request), block_ids, 0)
+    meta = scheduler.build_meta(
+        list(scheduled_requests(scheduler_output([(req_id, 0, block_ids)], {req_id: len(tokens)})))
+    )
+    assert meta.loads == [] and meta.stores == []  # nothing is copied while the request runs
+    request.num_computed_tokens = len(tokens)
+    assert scheduler.finished(RequestView(request), block_ids)  # blocks held until the worker copied them
+    meta = scheduler.build_meta([])
+    assert [(op.req_id, len(op.tokens), op.final) for op in meta.stores] == [(req_id, len(tokens), True)]
+    worker.store(meta.stores[0])  # queued: returns before the copy
+    assert wait_finished(worker) == ({req_id}, set())
+    assert worker.flush(10)
+
+
+def test_an_async_load_fills_the_blocks_while_the_step_goes_on(make_sides):
+    from kvtier.adapters.vllm.compat import RequestView
+
+    scheduler, worker = make_sides()
+    tokens = list(range(500, 540))  # one full 32-token chunk and an 8-token tail
+    kv = torch.randn(2, 2, H, 40, D)
+    store_request(scheduler, worker, "a", tokens, kv, [4, 1, 3])
+    assert worker.stats.stored_chunks == 2
+
+    b = FakeRequest("b", [*tokens, 7])  # the scheduler sees the worker's disk writes
+    assert scheduler.matched(RequestView(b), 0) == (40, True)
+    scheduler.after_alloc(RequestView(b), [2, 5, 0], 40)
+    meta = scheduler.build_meta([])  # b is not scheduled this step: it waits for its load
+    (load,) = meta.loads
+    assert (load.req_id, load.start, load.end, load.block_ids) == ("b", 0, 40, [2, 5, 0])
+    worker.start_loads(meta.loads)
+    stored, loaded = wait_finished(worker)
+    assert (stored, loaded) == (set(), {"b"})
+    assert worker.take_load_errors() == set()
+    assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 40), kv)
+    assert worker.metrics.load_seconds._sum.get() > 0
+
+
+def test_sync_loads_run_before_the_forward(make_sides):
+    from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
+
+    scheduler, worker = make_sides(**{"vllm.async_loads": False})
+    tokens = list(range(40))
+    kv = torch.randn(2, 2, H, 40, D)
+    store_request(scheduler, worker, "a", tokens, kv, [4, 1, 3])
+    b = FakeRequest("b", [*tokens, 7])
+    assert scheduler.matched(RequestView(b), 16) == (24, False)  # vLLM itself holds the first block
+    scheduler.after_alloc(RequestView(b), [6, 5, 0], 24)
+    meta = scheduler.build_meta(list(scheduled_requests(scheduler_output([("b", 40, [6, 5, 0])], {"b": 1}))))
+    (load,) = meta.loads
+    assert (load.start, load.end) == (16, 40)
+    worker.start_loads(meta.loads)  # done when it returns
+    assert worker.take_load_errors() == set()
+    assert torch.equal(worker.paged.read(worker.layers, [6, 5, 0], 16, 40), kv[:, :, :, 16:])
+
+
+def test_a_failed_load_reports_exactly_the_unfilled_blocks(make_sides):
+    from kvtier.adapters.vllm.metadata import LoadOp
+
+    _, worker = make_sides()
+    tokens = list(range(40))
+    worker.start_loads([LoadOp("c", tokens, 16, 40, [3, 1, 2], "nobody stored this")])
+    assert wait_finished(worker) == (set(), {"c"})
+    assert worker.take_load_errors() == {1, 2}  # the blocks of [16, 40); block 3 was vLLM's own
+    assert worker.stats.failed_loads == 1
+    assert worker.base.metrics.load_failures._value.get() == 1
+
+
+def test_a_load_past_its_deadline_is_cut_short_and_writes_nothing_after(make_sides):
+    """The first chunk lands, the deadline passes during the second: [32, 96) is reported, and stays untouched."""
+    from kvtier.adapters.vllm.compat import RequestView
+
+    scheduler, worker = make_sides(**{"vllm.load_deadline_s": 0.3})
+    tokens = list(range(1000, 1096))  # three full chunks
+    kv = torch.randn(2, 2, H, 96, D)
+    store_request(scheduler, worker, "a", tokens, kv, [0, 1, 2, 3, 4, 5])
+    engine = worker.engines.get(None)
+    real_retrieve = engine.retrieve
+    release = threading.Event()
+
+    def slow_retrieve(*args, sink, **kwargs):  # the real retrieve; the tier seems slow after the first chunk
+        def slowed(start, end, piece):
+            if start > 0:
+                release.wait(5)
+            return sink(start, end, piece)
+
+        return real_retrieve(*args, sink=slowed, **kwargs)
+
+    engine.retrieve = slow_retrieve
+    for layer in worker.layers:
+        layer.zero_()
+    b = FakeRequest("b", [*tokens, 7])
+    assert scheduler.matched(RequestView(b), 0) == (96, True)
+    scheduler.after_alloc(RequestView(b), [6, 7, 0, 1, 2, 3], 96)
+    meta = scheduler.build_meta([])
+    worker.start_loads(meta.loads)
+    time.sleep(0.1)
+    assert worker.take_finished() == (set(), set())  # still loading, within its deadline
+    assert wait_finished(worker)[1] == {"b"}
+    assert worker.metrics.load_timeouts._value.get() == 1
+    assert worker.take_load_errors() == {0, 1, 2, 3}  # blocks of [32, 96)
+    release.set()
+    worker.flush(10)
+    assert torch.equal(worker.paged.read(worker.layers, [6, 7], 0, 32), kv[:, :, :, :32])
+    untouched = worker.paged.read(worker.layers, [0, 1, 2, 3], 0, 64)
+    assert torch.count_nonzero(untouched) == 0
+    scheduler.loads_done({"b"})
+    assert not scheduler.loading
+
+
+def test_a_request_finished_while_loading_is_not_stored(make_sides):
+    from kvtier.adapters.vllm.compat import RequestView
+
+    scheduler, worker = make_sides()
+    tokens = list(range(40))
+    store_request(scheduler, worker, "a", tokens, torch.randn(2, 2, H, 40, D), [4, 1, 3])
+    b = FakeRequest("b", [*tokens, 9, 9, 9])
+    assert scheduler.matched(RequestView(b), 0) == (40, True)
+    scheduler.after_alloc(RequestView(b), [2, 5, 0], 40)
+    b.num_computed_tokens = 40
+    assert not scheduler.finished(RequestView(b), [2, 5, 0])  # aborted mid-load: its blocks are not all filled
+    scheduler.loads_done({"b"})
+    assert scheduler.build_meta([]).stores == []
+
+
+def test_a_full_store_queue_drops_the_store_and_releases_the_blocks(make_sides):
+    from kvtier.adapters.vllm.metadata import StoreOp
+
+    _, worker = make_sides(**{"vllm.store_queue_bytes": 1})
+    worker._store_queue.put(None)  # stop the store thread: the next store stays queued
+    worker._storer.join()
+    kv = torch.randn(2, 2, H, 40, D)
+    kernel_write(worker.paged, worker.layers, kv, [4, 1, 3])
+    worker.store(StoreOp("a", list(range(40)), [4, 1, 3], None, True))  # an empty queue takes any one store
+    worker.store(StoreOp("b", list(range(50, 90)), [4, 1, 3], None, True))  # no room: dropped, blocks released
+    assert worker.take_finished() == ({"b"}, set())
+    assert worker.metrics.dropped_stores._value.get() == 1
+    worker._storer = threading.Thread(target=worker._store_loop, daemon=True)  # the fixture's close stops it
+    worker._storer.start()
+    assert wait_finished(worker) == ({"a"}, set())
