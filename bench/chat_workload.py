@@ -65,16 +65,27 @@ class Workload:
     shared_prompt: str
     sources: list[str]
     warmup_text: str  # a long-ish prompt for the warm-up request (no prefix in common with the workload's)
+    corpus: list[int] = field(default_factory=list)  # token ids of the users' text (every file but SHARED_DOC)
 
 
-def build_workload(tokenizer, users: int, rounds: int, system_tokens: int, context_tokens: int, seed: int) -> Workload:
+def build_workload(
+    tokenizer,
+    users: int,
+    rounds: int,
+    system_tokens: int,
+    context_tokens: int,
+    seed: int,
+    instruction: str = INSTRUCTION,
+) -> Workload:
+    """``users`` system prompts (``instruction``, then ``system_tokens`` - its length of the shared
+    Apache-2.0 text, then the user's own window of ``context_tokens``) and ``rounds`` seeded questions each."""
     files = h.license_files()
     shared_file = next((p for p in files if p.name == SHARED_DOC), None)
     if shared_file is None or len(files) < 2:
         raise SystemExit(f"need the license texts under {LICENSES} (Debian's base-files)")
-    head = tokenizer(INSTRUCTION, add_special_tokens=False)["input_ids"]
+    head = tokenizer(instruction, add_special_tokens=False)["input_ids"]
     ref = tokenizer(shared_file.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
-    shared = INSTRUCTION + tokenizer.decode(ref[: max(0, system_tokens - len(head))])
+    shared = instruction + tokenizer.decode(ref[: max(0, system_tokens - len(head))])
     corpus: list[int] = []
     for p in files:
         if p != shared_file:
@@ -96,7 +107,7 @@ def build_workload(tokenizer, users: int, rounds: int, system_tokens: int, conte
             qs.append(tpl.format(w=rng.choice(words), v=rng.choice(words)))
         questions.append(qs)
     warmup = "Summarize this text in one sentence:\n" + tokenizer.decode(corpus[-min(600, len(corpus)) :])
-    return Workload(prompts, questions, shared, [str(p) for p in files], warmup)
+    return Workload(prompts, questions, shared, [str(p) for p in files], warmup, corpus)
 
 
 # -- server --------------------------------------------------------------------------------------------------------
@@ -421,6 +432,14 @@ def vllm_counters(base: str) -> dict[str, float]:
         except httpx.HTTPError:
             return {}
     return {name: metrics[name] for name in VLLM_METRICS if name in metrics}
+
+
+def kv_bytes_per_token(model_folder: Path, dtype_bytes: int = 4) -> int:
+    """Bytes of K and V for one token over every layer (fp32 by default: what ``kvtier serve`` runs)."""
+    cfg = json.loads((model_folder / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return 2 * cfg["num_hidden_layers"] * heads * head_dim * dtype_bytes
 
 
 def chat_tokens(tokenizer, messages: list[dict], generation_prompt: bool) -> int:

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import shutil
@@ -103,6 +102,7 @@ from chat_workload import (
     chat_tokens,
     csv,
     hit_tokens,
+    kv_bytes_per_token,
     kvtier_command,
     model_dir,
     total,
@@ -462,10 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mdir = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(mdir))
-    cfg = json.loads((mdir / "config.json").read_text())
-    heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    bytes_per_token = 2 * cfg["num_hidden_layers"] * heads * head_dim * 4  # fp32 K and V, all layers
+    bytes_per_token = kv_bytes_per_token(mdir)  # fp32 K and V, all layers
     wl = build_workload(tokenizer, args.users, args.rounds, args.system_tokens, args.context_tokens, args.seed)
     # the shared part ends before the system message's closing tokens (<|im_end|> and a newline)
     shared_tokens = chat_tokens(tokenizer, [{"role": "system", "content": wl.shared_prompt}], False) - 2
