@@ -41,8 +41,8 @@ few start-ups as possible:
 Load figures: kvtier's from its worker's log line ``loaded N tokens [a, b) from
 kvtier (TIERS) in X ms`` (read + verify + decode + write into vLLM's blocks),
 the tier from its Prometheus ``kvtier_hit_tokens_total{tier}``; LMCache's from
-its server's ``Retrieved N tokens in S seconds`` (plus ``L2 prefetch load
-completed`` lines: chunks it brought from disk first). GB/s counts the model's
+its server's ``Retrieved N tokens in S seconds`` (plus the time of a ``Prefetch
+request completed`` that read chunks from its disk tier first). GB/s counts the model's
 fp32 KV (46,080 bytes a token here) over that time. Every timed request or
 level goes through the harness's CleanTimer: the foreign CPU (other processes
 than the bench and its servers) during it is recorded, and a disturbed one is
@@ -155,7 +155,7 @@ class Bench:
 
     def rid(self, what: str) -> str:
         self.seq += 1
-        return f"serving-{what}-{self.seq}"
+        return f"serving-{what.replace(' ', '-')}-{self.seq}"
 
     def timed(self, stack: Stack, label: str, fn) -> tuple[Any, float | None, bool]:
         """``fn()`` through the run's CleanTimer, the stack's processes counted as the bench's own:
@@ -436,6 +436,10 @@ def _row(rows: list[dict], scenario: str, system: str) -> dict[str, Any] | None:
     return None if r is None or r.get("error") else r
 
 
+def _check(value: float, op: str, threshold: float) -> dict[str, Any]:
+    return h.check(round(value, 4), op, round(threshold, 4))
+
+
 def _missing(note: str) -> dict[str, Any]:
     return {"value": None, "pass": None, "note": note}
 
@@ -445,7 +449,7 @@ def targets(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     kv, lm = _row(rows, "restart", "kvtier"), _row(rows, "restart", "lmcache")
     if kv and lm and kv["ttft_vllm_restart_s"] is not None and lm["ttft_vllm_restart_s"] is not None:
-        out["restart: kvtier TTFT after vLLM restart <= lmcache's"] = h.check(
+        out["restart: kvtier TTFT after vLLM restart <= lmcache's"] = _check(
             kv["ttft_vllm_restart_s"], "<=", lm["ttft_vllm_restart_s"]
         )
     else:
@@ -455,14 +459,14 @@ def targets(rows: list[dict]) -> dict[str, Any]:
         tiers = set(full.get("hit_tiers", {}))
         name = "disk tier load of the prefix (page cache) >= 2 GB/s"
         if tiers == {DISK_TIER} and full.get("load_gbps") is not None:
-            out[name] = h.check(full["load_gbps"], ">=", 2.0)
+            out[name] = _check(full["load_gbps"], ">=", 2.0)
         else:
             out[name] = _missing(f"the hit after the full restart came from {sorted(tiers) or 'no tier'}, not l2 only")
         after = kv["phases"].get("vllm_restart", {})
         node = set(after.get("hit_tiers", {})) - {DISK_TIER, *MEMORY_TIERS}
         name = "node memory tier load of the prefix >= 3 GB/s"
         if node and after.get("load_gbps") is not None:
-            out[name] = h.check(after["load_gbps"], ">=", 3.0) | {"tiers": sorted(after["hit_tiers"])}
+            out[name] = _check(after["load_gbps"], ">=", 3.0) | {"tiers": sorted(after["hit_tiers"])}
         else:
             out[name] = _missing(
                 f"no node-tier hit after the vLLM restart (tiers {sorted(after.get('hit_tiers', {}))})"
@@ -470,12 +474,12 @@ def targets(rows: list[dict]) -> dict[str, Any]:
     ki, ai = _row(rows, "interference", "kvtier"), _row(rows, "interference", "apc")
     name = "interference: kvtier max gap during a load <= 2 x median"
     if ki and ki.get("load_gap_max_s") is not None and ki.get("load_gap_p50_s") is not None:
-        out[name] = h.check(ki["load_gap_max_s"], "<=", 2 * ki["load_gap_p50_s"])
+        out[name] = _check(ki["load_gap_max_s"], "<=", 2 * ki["load_gap_p50_s"])
     else:
         out[name] = _missing("needs the kvtier interference row")
     name = "interference: kvtier max gap during a store <= 1.1 x apc's"
     if ki and ai and ki.get("store_gap_max_s") is not None and ai.get("store_gap_max_s") is not None:
-        out[name] = h.check(ki["store_gap_max_s"], "<=", 1.1 * ai["store_gap_max_s"])
+        out[name] = _check(ki["store_gap_max_s"], "<=", 1.1 * ai["store_gap_max_s"])
     else:
         out[name] = _missing("needs the kvtier and apc interference rows")
     kl, ll, al = (_row(rows, "load", s) for s in SYSTEMS)
@@ -488,19 +492,19 @@ def targets(rows: list[dict]) -> dict[str, Any]:
                 name = f"load qps {lv['qps']}: kvtier mean TTFT (returning) <= {factor} x {peer}'s"
                 other = _level(peers[peer], lv["qps"])
                 if other and other.get("ttft_mean_s") is not None and lv.get("ttft_mean_s") is not None:
-                    out[name] = h.check(lv["ttft_mean_s"], "<=", factor * other["ttft_mean_s"])
+                    out[name] = _check(lv["ttft_mean_s"], "<=", factor * other["ttft_mean_s"])
                 else:
                     out[name] = _missing(f"needs the {peer} load row")
         if top is not None:
             name = f"load qps {top['qps']} (saturation): kvtier output tokens/s >= lmcache's"
             other = _level(ll, top["qps"])
-            if other and other.get("output_tokens_per_s") and top.get("output_tokens_per_s"):
-                out[name] = h.check(top["output_tokens_per_s"], ">=", other["output_tokens_per_s"])
+            if other and other.get("output_tokens_per_sec") and top.get("output_tokens_per_sec"):
+                out[name] = _check(top["output_tokens_per_sec"], ">=", other["output_tokens_per_sec"])
             else:
                 out[name] = _missing("needs the lmcache load row")
             name = f"load qps {top['qps']} (saturation): kvtier inter-token p99 <= 3 x median"
             if top.get("itl_p99_s") is not None and top.get("itl_p50_s") is not None:
-                out[name] = h.check(top["itl_p99_s"], "<=", 3 * top["itl_p50_s"])
+                out[name] = _check(top["itl_p99_s"], "<=", 3 * top["itl_p50_s"])
             else:
                 out[name] = _missing("no inter-token gaps measured")
     return out
@@ -541,7 +545,7 @@ LOAD_COLUMNS = {
     "round 0": "ttft_round0_mean_s",
     "ITL p50": "itl_p50_s",
     "ITL p99": "itl_p99_s",
-    "out tok/s": "output_tokens_per_s",
+    "out tok/s": "output_tokens_per_sec",
     "req": "requests",
     "err": "errors",
     "span": "span_s",
@@ -609,7 +613,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = h.BenchParser(__doc__, ("plot", "seed", "tmp_dir", *h.TIMER_FLAGS), quick=QUICK)
-    p.set_defaults(retries=0)  # a cold request is cold once: never re-run, only flagged
+    # a cold request is cold once: never re-run, only flagged; wait less for a quiet machine (11 start-ups)
+    p.set_defaults(retries=0, max_wait=10.0, wait_budget=60.0)
     p.add_argument("--systems", type=lambda s: csv(s, SYSTEMS), default=list(SYSTEMS), help="default: all three")
     p.add_argument("--scenarios", type=lambda s: csv(s, SCENARIOS), default=list(SCENARIOS), help="default: all")
     p.add_argument("--prompt-tokens", type=int, default=2600, help="restart/interference prompt (default 2600)")

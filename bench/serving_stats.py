@@ -19,8 +19,11 @@ from harness import percentile
 KVTIER_LOAD = re.compile(r"loaded (\d+) tokens \[\d+, \d+\) from kvtier \(([^)]*)\) in ([0-9.]+) ms")
 # LMCache's MP server (engine_driven_transfer.py): "Retrieved N tokens in S seconds"
 LMCACHE_RETRIEVE = re.compile(r"Retrieved (\d+) tokens in ([0-9.]+) seconds")
-# LMCache's MP server, L2 (disk) -> L1 prefetch: "L2 prefetch load completed: request R, N loaded, F failed"
-LMCACHE_L2_LOAD = re.compile(r"L2 prefetch load completed: request \d+, (\d+) loaded, (\d+) failed")
+# LMCache's MP server (storage_manager.py), its lookup's prefetch into memory, before the retrieve:
+# "Prefetch request completed (L1+L2): 2/2 retained keys (0 L1, 2 L2) in 17.5 ms"
+LMCACHE_PREFETCH = re.compile(
+    r"Prefetch request completed \(L1\+L2\): \d+/\d+ retained keys \((\d+) L1, (\d+) L2\) in ([0-9.]+) ms"
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,20 @@ def lmcache_loads(text: str) -> list[Load]:
     ]
 
 
-def lmcache_l2_chunks(text: str) -> int:
-    """Chunks LMCache's server prefetched from its L2 (disk) tier into memory, per its log lines in ``text``."""
-    return sum(int(m.group(1)) for m in LMCACHE_L2_LOAD.finditer(text))
+@dataclass(frozen=True)
+class Prefetch:
+    """One LMCache prefetch: chunks already in its memory (L1), chunks read from its disk tier (L2), time."""
+
+    l1_chunks: int
+    l2_chunks: int
+    seconds: float
+
+
+def lmcache_prefetches(text: str) -> list[Prefetch]:
+    """LMCache's prefetch lines in ``text``."""
+    return [
+        Prefetch(int(m.group(1)), int(m.group(2)), float(m.group(3)) / 1e3) for m in LMCACHE_PREFETCH.finditer(text)
+    ]
 
 
 def load_summary(loads: Sequence[Load], bytes_per_token: int) -> dict[str, Any]:
@@ -160,7 +174,7 @@ def summarize_level(requests: Iterable[Request]) -> dict[str, Any]:
         "itl_p99_s": percentile(itl, 99),
         "itl_max_s": max(itl) if itl else None,
         "output_tokens": out_tokens,
-        "output_tokens_per_s": out_tokens / span if span > 0 else None,
+        "output_tokens_per_sec": out_tokens / span if span > 0 else None,
         "span_s": span if ok else None,
         "requests": len(reqs),
         "requests_returning": len(back),

@@ -35,7 +35,7 @@ import harness as h
 import httpx
 from chat_workload import HIT_TOKENS, MetricsReader, Server, checkout_env, hit_tokens, kvtier_command, total
 from harness import MODEL
-from serving_stats import Load, kvtier_loads, lmcache_l2_chunks, lmcache_loads
+from serving_stats import Load, kvtier_loads, lmcache_loads, lmcache_prefetches
 
 SYSTEMS = ("kvtier", "lmcache", "apc")
 DEFAULT_LMCACHE_VENV = Path.home() / ".cache" / "kvtier" / "peers" / "lmcache-0.5.6"
@@ -431,13 +431,16 @@ class LmcacheStack(_VllmStack):
         time.sleep(0.3)
         text = read_from(self.cache_server.log_path, mark.offsets["server"])
         loads = lmcache_loads(text)
-        l2_chunks = lmcache_l2_chunks(text)
+        # a prefetch that read chunks from the disk tier is part of that load (kvtier's disk reads are inside its
+        # load time too); one that found every chunk in memory is the lookup's, as kvtier's lookups are not timed
+        from_disk = [p for p in lmcache_prefetches(text) if p.l2_chunks]
+        loads += [Load(0, p.seconds, "lmcache-l2-prefetch") for p in from_disk]
         tiers: dict[str, int] = {}
-        if loads:
-            got = sum(x.tokens for x in loads)
-            l2 = min(got, l2_chunks * LMCACHE_CHUNK)
+        got = sum(x.tokens for x in loads)
+        if got:
+            l2 = min(got, sum(p.l2_chunks for p in from_disk) * LMCACHE_CHUNK)
             tiers = {k: v for k, v in (("l1", got - l2), ("l2", l2)) if v}
-        lines = [ln for ln in text.splitlines() if "Retrieved" in ln or "L2 prefetch" in ln]
+        lines = [ln for ln in text.splitlines() if "Retrieved" in ln or "Prefetch request completed" in ln]
         return LoadReport(loads, tiers, lines)
 
     def _servers(self) -> list[Server]:

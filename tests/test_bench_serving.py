@@ -11,13 +11,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from serving_stats import (
     Load,
+    Prefetch,
     Request,
     arrival_offsets,
     gaps,
     gaps_around,
     kvtier_loads,
-    lmcache_l2_chunks,
     lmcache_loads,
+    lmcache_prefetches,
     load_summary,
     round_robin,
     summarize_level,
@@ -29,7 +30,9 @@ INFO 17:00:02 [kvtier.vllm] request chatcmpl-b: loaded 2560 tokens [0, 2560) fro
 INFO 17:00:03 [kvtier.vllm] request chatcmpl-c: loaded 256 tokens [2304, 2560) from kvtier (l1+l2) in 10.0 ms
 """
 LMCACHE_LOG = """\
-[2026-12-03 17:00:00,001] LMCache INFO: L2 prefetch load completed: request 7, 10 loaded, 0 failed
+[2026-12-03 17:00:00,001] LMCache INFO: Prefetch request completed (L1+L2): 10/10 retained keys (0 L1, 10 L2) \
+in 295.5 ms (external_request_id=chatcmpl-x, prefetch_request_id=1)
+[2026-12-03 17:00:00,002] LMCache INFO: Prefetch request completed (L1+L2): 1/1 retained keys (1 L1, 0 L2) in 3.8 ms
 [2026-12-03 17:00:00,300] LMCache INFO: Retrieved 2560 tokens in 0.033 seconds (engine_driven_transfer.py:515)
 [2026-12-03 17:00:00,400] LMCache INFO: Retrieved 0 tokens in 0.001 seconds
 """
@@ -39,9 +42,9 @@ def test_kvtier_loads_skip_misses_and_keep_tiers():
     assert kvtier_loads(KVTIER_LOG) == [Load(2560, 0.8125, "l2"), Load(256, 0.01, "l1+l2")]
 
 
-def test_lmcache_loads_and_l2_chunks():
+def test_lmcache_loads_and_prefetches():
     assert lmcache_loads(LMCACHE_LOG) == [Load(2560, 0.033, "lmcache")]
-    assert lmcache_l2_chunks(LMCACHE_LOG) == 10
+    assert lmcache_prefetches(LMCACHE_LOG) == [Prefetch(0, 10, 0.2955), Prefetch(1, 0, 0.0038)]
 
 
 def test_load_summary_counts_bytes_over_seconds():
@@ -80,5 +83,5 @@ def test_summarize_level_uses_returning_rounds_and_the_span():
     assert s["ttft_mean_s"] == 1.0 and s["requests_returning"] == 1
     assert s["ttft_round0_mean_s"] == 5.0
     assert s["itl_p50_s"] == 0.5
-    assert s["output_tokens"] == 9 and s["span_s"] == 10.0 and s["output_tokens_per_s"] == 0.9
+    assert s["output_tokens"] == 9 and s["span_s"] == 10.0 and s["output_tokens_per_sec"] == 0.9
     assert s["requests"] == 4 and s["errors"] == 1
