@@ -36,7 +36,10 @@ few start-ups as possible:
    ``--context-tokens`` of real text), answers of ``--answer-tokens``
    (``ignore_eos``). TTFT mean/p50/p90 of returning rounds (round >= 1),
    inter-token gap p50/p99 over every stream, output tokens/s over the level's
-   span (first send to last answer), request counts.
+   span (first send to last answer), request counts. A level is marked
+   ``saturated`` for a system when a send slipped by > 1 s (a user's previous
+   answer came too late) or its last answer came > 10 s after the last
+   scheduled send; below saturation output tokens/s is just the offered load.
 
 Load figures: kvtier's from its worker's log line ``loaded N tokens [a, b) from
 kvtier (TIERS) in X ms`` (read + verify + decode + write into vLLM's blocks),
@@ -57,9 +60,10 @@ median; the 2,560-token prefix loads at >= 2 GB/s from the disk tier (page
 cache) and >= 3 GB/s from a node memory tier (checked only when the hit after
 the vLLM restart came from a tier other than l1/l2).
 
-Default sizes take ~20-25 min on the 2-core machine (11 vLLM start-ups of
-~30-60 s). ``--quick``: short prompts, one trial, one QPS level (a smoke run,
-~8-10 min for all three systems).
+Default sizes take ~20 min on the 2-core machine (11 vLLM start-ups of
+~30-50 s; the baseline run with QPS 0.15,0.3 took 1,072 s). ``--quick``:
+short prompts, one trial, one QPS level (a smoke run, ~10 min for all three
+systems).
 """
 
 from __future__ import annotations
@@ -85,6 +89,8 @@ SCENARIOS = ("restart", "interference", "load")
 PHASES = ("cold", "same_instance", "vllm_restart", "full_restart")
 MEMORY_TIERS = ("l1",)  # the worker's own memory: dies with vLLM
 DISK_TIER = "l2"
+SATURATION_LAG_S = 1.0  # a level is saturated when a send slipped by more than this...
+SATURATION_DRAIN_S = 10.0  # ...or the last answer came this long after the last scheduled send
 QUICK = {
     "prompt_tokens": 600,
     "trials": 1,
@@ -275,6 +281,7 @@ class Bench:
         lock = threading.Lock()
         mark = stack.mark()
         cached = [0]
+        lags: list[float] = []  # actual send - scheduled send: a user's previous answer came late
 
         def user(t0: float, u: int) -> None:
             history = [{"role": "system", "content": wl.system_prompts[users[u]]}]
@@ -309,6 +316,7 @@ class Bench:
                     )
                     with lock:
                         requests.append(req)
+                        lags.append(req.sent - (t0 + slots[(u, r)]))
                         cached[0] += res.cached_tokens or 0
                         print(
                             f"  [{stack.name} qps {qps}] {len(requests):>3}/{len(order)} user {u} round {r}: "
@@ -328,8 +336,15 @@ class Bench:
         _, foreign, disturbed = self.timed(stack, f"load-qps{qps}", go)
         report = stack.loads_since(mark)
         out = {"qps": qps, **summarize_level(requests)}
+        arrival = (len(order) - 1) / qps
+        drain = None if out["span_s"] is None else out["span_s"] - arrival
+        lag = max(lags, default=0.0)
         out |= {
-            "arrival_span_s": (len(order) - 1) / qps,
+            "arrival_span_s": arrival,
+            "drain_s": drain,  # from the last scheduled send to the last answer
+            "send_lag_max_s": lag,
+            # more offered than served: answers so late that sends slipped, or a long backlog after the last send
+            "saturated": lag > SATURATION_LAG_S or (drain is not None and drain > SATURATION_DRAIN_S),
             "vllm_cached_tokens": cached[0],
             "hit_tiers": report.tiers,
             **{k: v for k, v in load_summary(report.loads, self.bpt).items() if k in ("load_tokens", "load_gbps")},
@@ -500,6 +515,9 @@ def targets(rows: list[dict]) -> dict[str, Any]:
             other = _level(ll, top["qps"])
             if other and other.get("output_tokens_per_sec") and top.get("output_tokens_per_sec"):
                 out[name] = _check(top["output_tokens_per_sec"], ">=", other["output_tokens_per_sec"])
+                out[name]["saturated"] = {"kvtier": top.get("saturated"), "lmcache": other.get("saturated")}
+                if not (top.get("saturated") and other.get("saturated")):
+                    out[name]["note"] = "not both saturated at this level: tokens/s is the offered load, not capacity"
             else:
                 out[name] = _missing("needs the lmcache load row")
             name = f"load qps {top['qps']} (saturation): kvtier inter-token p99 <= 3 x median"
@@ -549,6 +567,8 @@ LOAD_COLUMNS = {
     "req": "requests",
     "err": "errors",
     "span": "span_s",
+    "drain": "drain_s",
+    "saturated": lambda r: "-" if r.get("saturated") is None else ("yes" if r["saturated"] else "no"),
 }
 
 
@@ -563,7 +583,7 @@ def report(rows: list[dict], tg: dict[str, Any]) -> None:
     if flat:
         h.print_table(con, "load: multi-user multi-round chat (TTFT of returning rounds)", LOAD_COLUMNS, flat)
     con.print("targets (issue 12):")
-    h.print_targets(con, tg)
+    h.print_targets(con, tg, extra=lambda t: f"  [dim]({t['note']})[/dim]" if t.get("note") else "")
 
 
 COLORS = {"kvtier": "tab:blue", "lmcache": "tab:orange", "apc": "tab:gray"}
@@ -626,7 +646,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="load: rounds per user (default 3)")
     p.add_argument("--context-tokens", type=int, default=1500, help="load: tokens of each user's document")
     p.add_argument("--answer-tokens", type=int, default=16, help="load: answer tokens (ignore_eos; default 16)")
-    p.add_argument("--qps", default="0.15,0.3", help="load: QPS levels; the highest is the saturation one")
+    p.add_argument("--qps", default="0.15,0.3,1", help="load: QPS levels; the highest is the saturation one")
     p.add_argument("--gpu-blocks", type=int, default=33, help="vLLM's own KV pool in 128-token blocks (default 33)")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (default 1)")
     p.add_argument("--max-model-len", type=int, default=4096)
