@@ -1,7 +1,8 @@
 """kvtier inside real vLLM (CPU build): store in one engine process, load in a fresh one.
 
-Three engine start-ups for the whole module (each ~30-50 s here): a baseline
-without kvtier, a run that stores, and a fresh run that loads. Prompts are
+Five engine start-ups for the module's first part (each ~30-50 s here): a baseline without
+kvtier, a run that stores, a fresh run that loads, a fresh run whose loads all run past
+their deadline, and a hand-stepped run where a decode goes on while another request loads. Prompts are
 token ids of Debian's license texts (shipped with every Debian system).
 """
 
@@ -37,7 +38,8 @@ def run_driver(spec: dict, *, timeout: float = 600) -> tuple[list[dict], str]:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     line = next(ln for ln in log.splitlines() if ln.startswith("VLLM_DRIVER_RESULT "))
-    return json.loads(line.split(" ", 1)[1])["outputs"], log
+    result = json.loads(line.split(" ", 1)[1])
+    return result.get("outputs", result), log  # the outputs; an "overlap" run's whole result
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,8 @@ def prompts(model_dir: Path) -> dict[str, list[int]]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     gpl = Path("/usr/share/common-licenses/GPL-3").read_text()
     apache = Path("/usr/share/common-licenses/Apache-2.0").read_text()
-    return {"a": tok(gpl).input_ids[:600], "b": tok(apache).input_ids[:700]}
+    bsd = Path("/usr/share/common-licenses/BSD").read_text()
+    return {"a": tok(gpl).input_ids[:600], "b": tok(apache).input_ids[:700], "s": tok(bsd).input_ids[:100]}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,8 @@ def runs(model_dir: Path, prompts: dict[str, list[int]], tmp_path_factory: pytes
     cache = tmp_path_factory.mktemp("kvtier-vllm")
     kvtier = {"set": {"cache_dir": str(cache), "l1.max_bytes": "512MB"}}
     a, b = prompts["a"], prompts["b"]
-    base, _ = run_driver({"model": str(model_dir), "kvtier": None, "requests": [{"tokens": a}, {"tokens": b}]})
+    decode = {"tokens": prompts["s"], "max_tokens": 48}
+    base, _ = run_driver({"model": str(model_dir), "kvtier": None, "requests": [{"tokens": a}, {"tokens": b}, decode]})
     stored, store_log = run_driver(
         {
             "model": str(model_dir),
@@ -88,12 +92,31 @@ def runs(model_dir: Path, prompts: dict[str, list[int]], tmp_path_factory: pytes
             ],
         }
     )
-    return {"base": base, "stored": stored, "loaded": loaded, "store_log": store_log, "load_log": load_log}
+    late, late_log = run_driver(
+        {
+            "model": str(model_dir),
+            "kvtier": {"set": {**kvtier["set"], "vllm.load_deadline_s": 1e-6}},
+            "requests": [{"tokens": a}, {"tokens": a, "cache_salt": "tenant-a"}],
+        }
+    )
+    stepped, _ = run_driver(
+        {"model": str(model_dir), "kvtier": kvtier, "overlap": {"decode": decode, "hit": {"tokens": a}, "after": 4}}
+    )
+    return {
+        "base": base,
+        "stored": stored,
+        "loaded": loaded,
+        "store_log": store_log,
+        "load_log": load_log,
+        "late": late,
+        "late_log": late_log,
+        "overlap": stepped["overlap"],
+    }
 
 
 def test_storing_does_not_change_output(runs):
     base, stored = runs["base"], runs["stored"]
-    assert [o["token_ids"] for o in stored[:2]] == [o["token_ids"] for o in base]
+    assert [o["token_ids"] for o in stored[:2]] == [o["token_ids"] for o in base[:2]]
     assert stored[2]["token_ids"] == base[0]["token_ids"]
     assert len(base[0]["token_ids"]) == 16
 
@@ -119,6 +142,29 @@ def test_cache_salt_isolates_tenants(runs):
     assert other["num_cached_tokens"] == 0  # tenant-b never stored anything, and vLLM's own cache is salted too
     assert same["num_cached_tokens"] == 512  # tenant-a's chunks from the first process
     assert other["token_ids"] == same["token_ids"] == base[0]["token_ids"]
+
+
+def test_loads_past_their_deadline_are_recomputed_with_identical_output(runs):
+    base, late = runs["base"], runs["late"]
+    assert [o["token_ids"] for o in late] == [base[0]["token_ids"]] * 2
+    assert "kvtier load past its 0.0 s deadline" in runs["late_log"]
+    assert "blocks will be recomputed" in runs["late_log"]
+
+
+def test_a_decode_keeps_stepping_while_another_request_loads(runs):
+    """The hit waits for its kvtier load in vLLM's WAITING_FOR_REMOTE_KVS while the decode gets tokens."""
+    base, overlap = runs["base"], runs["overlap"]
+    steps = overlap["steps"]
+    loading = [i for i, s in enumerate(steps) if s["hit_waiting"]]
+    assert loading, "the hit never waited for an asynchronous load"
+    first, last = loading[0], loading[-1]
+    before = steps[first - 1]["decode_tokens"]
+    assert steps[last]["decode_tokens"] > before  # decode tokens arrived while the load was in flight
+    assert steps[last]["t"] > steps[first - 1]["t"]
+    assert all(s["hit_tokens"] == 0 for s in steps[: last + 1])
+    decode, hit = overlap["outputs"]
+    assert decode["token_ids"] == base[2]["token_ids"]
+    assert hit["token_ids"] == base[0]["token_ids"] and hit["num_cached_tokens"] == 512
 
 
 # -- kvtier serve: vLLM's OpenAI server with the connector, over HTTP ------------------------------------------

@@ -208,8 +208,10 @@ def test_a_load_past_its_deadline_is_cut_short_and_writes_nothing_after(make_sid
     assert torch.equal(worker.paged.read(worker.layers, [6, 7], 0, 32), kv[:, :, :, :32])
     untouched = worker.paged.read(worker.layers, [0, 1, 2, 3], 0, 64)
     assert torch.count_nonzero(untouched) == 0
-    scheduler.loads_done({"b"})
+    scheduler.loads_done({"b"}, {0, 1, 2, 3})
     assert not scheduler.loading
+    # vLLM may ask again for a request whose load came back short (from 0 if the first block failed): no second try
+    assert scheduler.matched(RequestView(b), 0) == (0, False)
 
 
 def test_a_request_finished_while_loading_is_not_stored(make_sides):
@@ -223,8 +225,8 @@ def test_a_request_finished_while_loading_is_not_stored(make_sides):
     scheduler.after_alloc(RequestView(b), [2, 5, 0], 40)
     b.num_computed_tokens = 40
     assert not scheduler.finished(RequestView(b), [2, 5, 0])  # aborted mid-load: its blocks are not all filled
-    scheduler.loads_done({"b"})
-    assert scheduler.build_meta([]).stores == []
+    scheduler.loads_done({"b"}, set())
+    assert scheduler.build_meta([]).stores == [] and not scheduler.loading and not scheduler.failed
 
 
 def test_a_full_store_queue_drops_the_store_and_releases_the_blocks(make_sides):

@@ -158,6 +158,11 @@ def scheduled_requests(so: SchedulerOutput) -> Iterator[ScheduledRequest]:
         )
 
 
+def invalid_block_ids(output: KVConnectorOutput) -> set[int]:
+    """The blocks the worker reported from ``get_block_ids_with_load_errors`` this step."""
+    return set(output.invalid_block_ids or ())
+
+
 def finished_loads(output: KVConnectorOutput) -> set[str]:
     """The requests whose asynchronous load the worker reported over this step (filled or not)."""
     return set(output.finished_recving or ())

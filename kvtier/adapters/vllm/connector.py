@@ -27,9 +27,10 @@ in between): the worker then reports the blocks it could not fill in
 
 Tenants (:mod:`.tenants`): a request's ``cache_salt`` becomes the tenant salt
 of its namespace (combined with the configured ``tenant``), so different
-salts never share a chunk. The trailing partial chunk of a finished request
-is stored too (``store_partial``): its blocks are held (``request_finished``
-returns True) until the worker has copied them (``get_finished``'s sending set).
+salts never share a chunk. A request is stored when it finishes, trailing
+partial chunk included (``store_partial``): its blocks are held
+(``request_finished`` returns True) until the worker's store thread has copied
+them (``get_finished``'s sending set).
 
 Logging: the connector logs to the ``kvtier.*`` loggers and configures no
 logging itself. ``kvtier serve`` hands vLLM a logging config with a
@@ -102,7 +103,9 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         if self._scheduler is not None:
-            self._scheduler.loads_done(compat.finished_loads(connector_output))
+            self._scheduler.loads_done(
+                compat.finished_loads(connector_output), compat.invalid_block_ids(connector_output)
+            )
 
     # -- worker side ---------------------------------------------------------------------------------------------
 

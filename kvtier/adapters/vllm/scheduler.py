@@ -42,7 +42,8 @@ class SchedulerSide:
         self.engines = TenantEngines(base, settings.config.tenant)
         self.tracked: dict[str, _Tracked] = {}
         self.pending_loads: list[LoadOp] = []  # async loads planned in after_alloc, sent with the next metadata
-        self.loading: set[str] = set()  # async loads the worker has not reported done
+        self.loading: dict[str, set[int]] = {}  # async loads the worker has not reported done -> their blocks
+        self.failed: set[str] = set()  # requests whose load came back short: never offered a kvtier hit again
         self.finishing: list[StoreOp] = []
         self.hits: dict[str, tuple[int, str]] = {}  # req id -> (vLLM's computed tokens, "l2:512+l3:256") at lookup
         log.info(
@@ -58,8 +59,8 @@ class SchedulerSide:
 
         At most all prompt tokens but one (vLLM must compute the last one to sample).
         """
-        if request.unsupported() is not None:
-            return 0, False
+        if request.unsupported() is not None or request.id in self.failed:
+            return 0, False  # after a short load vLLM may ask again (from 0): recompute, never loop on loads
         n = request.num_tokens
         try:
             found = self.engines.get(request.cache_salt).lookup(request.tokens(n), max_tokens=n - 1)
@@ -90,11 +91,14 @@ class SchedulerSide:
         self.pending_loads.append(
             LoadOp(request.id, request.tokens(end), local, end, list(block_ids), request.cache_salt)
         )
-        self.loading.add(request.id)
+        self.loading[request.id] = set(block_ids[local // self.settings.block_size :])
 
-    def loads_done(self, req_ids: set[str]) -> None:
-        """The worker reported these async loads over (filled or not: load errors say which blocks were not)."""
-        self.loading -= req_ids
+    def loads_done(self, req_ids: set[str], invalid_blocks: set[int]) -> None:
+        """The worker reported these async loads over; ``invalid_blocks``: this step's load errors (all requests)."""
+        for req_id in req_ids:
+            blocks = self.loading.pop(req_id, set())
+            if blocks & invalid_blocks:
+                self.failed.add(req_id)
 
     def build_meta(self, scheduled: list[ScheduledRequest]) -> KvtierMetadata:
         """This step's loads, plus the stores of requests that finished since the last step."""
@@ -140,6 +144,7 @@ class SchedulerSide:
         """
         self.tracked.pop(request.id, None)
         self.hits.pop(request.id, None)
+        self.failed.discard(request.id)
         if request.id in self.loading or request.unsupported() is not None:
             return False
         n = self._storable(request, request.num_computed_tokens)
