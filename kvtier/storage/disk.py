@@ -32,33 +32,26 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kvtier.chunk import (
-    PREFIX_BYTES,
-    Chunk,
-    decode_header,
-    decode_payload,
-    encode_parts,
-    header_length,
-)
+from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
 from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import BackendStats
 from kvtier.storage.files import (
-    ROOT_PARENT,
-    SUFFIX,
+    chunk_path,
     drop_page_cache,
     parse_name,
-    read_payload,
+    read_chunk,
     remove_orphaned_tmp,
     subdirs,
+    tmp_path,
     touch_file,
+    write_file,
 )
 
 log = logging.getLogger(__name__)
 
-_HEAD_READ = 1 << 16
 _RACE_NS = 50_000_000  # 50 ms: longer than a filesystem timestamp tick
 
 
@@ -109,8 +102,7 @@ class DiskBackend:
     # -- paths -------------------------------------------------------------------------------------------------
 
     def _path(self, key: ChunkKey, parent: ChunkKey | None) -> Path:
-        h = key.hex()
-        return self.root / h[:2] / f"{h}.{parent.hex() if parent is not None else ROOT_PARENT}{SUFFIX}"
+        return chunk_path(self.root, key, parent)
 
     def _path_of(self, key: ChunkKey) -> Path:
         return self._path(key, self._parents[key])
@@ -251,19 +243,9 @@ class DiskBackend:
         inode = None
         try:
             with open(path, "rb", buffering=0) as f:
-                inode = os.fstat(f.fileno()).st_ino
-                head = f.read(_HEAD_READ)
-                needed = header_length(head[:PREFIX_BYTES])
-                if needed > len(head):
-                    head += f.read(needed - len(head))
-                header = decode_header(head)
-                if header.key != key:
-                    raise ChunkFormatError("file holds another key")
-                size = os.fstat(f.fileno()).st_size
-                if size != header.offset + header.payload_len:
-                    raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
-                payload = read_payload(f, head, header)
-            return decode_payload(header, payload)
+                st = os.fstat(f.fileno())
+                inode = st.st_ino
+                return read_chunk(f, st.st_size, key)
         except FileNotFoundError:
             self._vanished(key, path)
         except (ChunkFormatError, OSError) as exc:
@@ -335,16 +317,9 @@ class DiskBackend:
         for p in doomed:
             p.unlink(missing_ok=True)
         path = self._path(chunk.key, chunk.parent)
-        tmp = self.root / ".tmp" / f"{chunk.key.hex()}.{os.getpid()}.{threading.get_ident()}"
+        tmp = tmp_path(self.root, chunk.key)
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(payload)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_file(tmp, path, (header, payload), fsync=self.fsync)
             with self._lock:
                 touch_file(path, self._next_mtime())
         except OSError as exc:
