@@ -110,6 +110,26 @@ def subdirs(root: Path, *, missing_ok: bool) -> list[str]:
         raise
 
 
+def scan_chunks(root: Path) -> list[tuple[int, ChunkKey, ChunkKey | None, int]]:
+    """(mtime ns, key, parent, size) of every chunk file under ``root`` (names parsed, no file opened)."""
+    found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
+    for sub in subdirs(root, missing_ok=True):
+        try:
+            entries = list(os.scandir(root / sub))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            parsed = parse_name(entry.name)
+            if parsed is None:
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # removed by another process while listing
+                continue
+            found.append((st.st_mtime_ns, parsed[0], parsed[1], st.st_size))
+    return found
+
+
 def remove_orphaned_tmp(tmp: Path) -> None:
     """Delete temporary files left by writers that are no longer running (named ``<key>.<pid>.<thread>``)."""
     for entry in os.scandir(tmp):
