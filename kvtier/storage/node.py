@@ -1,7 +1,7 @@
 """The ``node`` tier: chunk files in memory shared by every engine process of this user on the machine.
 
-The folder (default ``/dev/shm/kvtier-<uid>``, a tmpfs: its files are
-memory) holds chunks in the one chunk format, one file per chunk, named as in
+The folder (``config.node_dir``, default ``/dev/shm/kvtier-<uid>``, a tmpfs:
+its files are memory) holds chunks in the one chunk format, one file per chunk, named as in
 the disk tier (:mod:`.files`). It outlives the processes that write it: after
 an engine restart its chunks are still there, at memory speed. Its index and
 its one byte budget, whatever the number of processes, are the folder's
@@ -51,11 +51,6 @@ from kvtier.storage.files import (
 from kvtier.storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
-
-
-def default_node_path() -> Path:
-    """``/dev/shm/kvtier-<uid>``: one folder per user, so users never share a tier."""
-    return Path("/dev/shm") / f"kvtier-{os.getuid()}"
 
 
 class NodeBackend:
