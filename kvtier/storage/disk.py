@@ -330,7 +330,11 @@ class DiskBackend:
         path = self._path(chunk.key, chunk.parent)
         tmp = tmp_path(self.root, chunk.key)
         # the folder's budget: the ledger picks (and unlinks) victims among every process's chunks
-        reservation = self._ledger.reserve(chunk.key, chunk.parent, size, self.max_bytes, tmp)
+        try:
+            reservation = self._ledger.reserve(chunk.key, chunk.parent, size, self.max_bytes, tmp)
+        except StorageError as exc:
+            log.warning("disk tier: cannot reserve room for %s: %s", chunk.key.hex()[:16], exc)
+            reservation = None
         with self._lock:
             for victim, _ in reservation.victims if reservation is not None else ():
                 if victim in self._lru and victim not in self._pending:
@@ -348,7 +352,8 @@ class DiskBackend:
                 touch_file(path, self._next_mtime())
             if not self._ledger.commit(chunk.key):
                 raise OSError("its reservation in the folder's ledger was lost")
-        except OSError as exc:
+        except (OSError, StorageError) as exc:
+            path.unlink(missing_ok=True)  # not (or no longer) counted by the ledger
             log.warning("disk tier: write of %s failed: %s", chunk.key.hex()[:16], exc)
             self._ledger.abort(chunk.key)
             with self._lock:
@@ -367,7 +372,10 @@ class DiskBackend:
             present = [k for k in keys if self._present(k)]
             paths = [self._forget(k) for k in present]
         if self._ledger is not None:
-            self._ledger.remove(present)  # unlinks the files, then drops their rows
+            try:
+                self._ledger.remove(present)  # unlinks the files, then drops their rows
+            except StorageError as exc:
+                log.warning("disk tier: delete failed: %s", exc)
         return len(paths)
 
     def clear(self) -> int:

@@ -36,7 +36,11 @@ the ledger does not know (written before the folder had a ledger).
 Every process passes its own budget; the folder stays within the largest
 budget of the processes writing it (with one configuration: exactly it).
 
-Thread-safe: one connection per ledger, behind a lock.
+Thread-safe: one connection per ledger, behind a lock. A method raises
+StorageError when the database fails (or stays locked past the busy
+timeout); the backends turn that into a miss or a refused put. ``touch``,
+``forget`` and ``abort`` are best effort instead (logged, not raised): a
+missed one costs recency or room until the next ``sync``, never correctness.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from kvtier.storage.files import FILE_MODE, chunk_path
 log = logging.getLogger(__name__)
 
 LEDGER_FILE = "ledger.sqlite3"
-_BUSY_TIMEOUT_S = 30.0
+_BUSY_TIMEOUT_S = 10.0  # writers hold the lock for well under a millisecond
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
     key BLOB PRIMARY KEY,
@@ -177,7 +181,10 @@ class Ledger:
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection | None]:
         with self._lock:
-            yield self._connect()
+            try:
+                yield self._connect()
+            except sqlite3.Error as exc:
+                raise StorageError(f"chunk ledger {self.path}: {exc}") from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -187,13 +194,23 @@ class Ledger:
         with self._lock:
             db = self._connect()
             assert db is not None
-            db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")  # waits up to _BUSY_TIMEOUT_S for other processes' transactions
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"chunk ledger {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _best_effort(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except StorageError as exc:
+            log.warning("%s skipped: %s", what, exc)
 
     def _now(self) -> int:
         """A recency stamp: wall-clock ns, strictly increasing in this process (other processes' are close)."""
@@ -294,14 +311,14 @@ class Ledger:
 
     def abort(self, key: ChunkKey) -> None:
         """Drop this process's reservation of ``key`` (the caller has removed its temporary file)."""
-        with self._write() as db:
+        with self._best_effort("chunk ledger abort"), self._write() as db:
             db.execute("DELETE FROM chunks WHERE key = ? AND writer = ?", (key.digest, self._token))
 
     def touch(self, keys: Sequence[ChunkKey]) -> None:
         """Mark a prefix (given root first) as just used: ancestors end up more recent than descendants."""
         if not keys:
             return
-        with self._write() as db:
+        with self._best_effort("chunk ledger touch"), self._write() as db:
             base = self._now()
             self._clock = base + len(keys)
             db.executemany(
@@ -324,7 +341,7 @@ class Ledger:
 
     def forget(self, key: ChunkKey) -> None:
         """Delete the row of a complete file that is already gone (the caller removed it or found it missing)."""
-        with self._write() as db:
+        with self._best_effort("chunk ledger forget"), self._write() as db:
             db.execute("DELETE FROM chunks WHERE key = ? AND writer IS NULL", (key.digest,))
 
     def reclaim(self) -> int:

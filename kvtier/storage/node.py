@@ -132,12 +132,20 @@ class NodeBackend:
     # -- protocol ----------------------------------------------------------------------------------------------
 
     def contains(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        """Which keys have a committed file now, in any process (one ledger query)."""
-        return self.ledger.present(keys)
+        """Which keys have a committed file now, in any process (one ledger query; all False if it fails)."""
+        try:
+            return self.ledger.present(keys)
+        except StorageError as exc:
+            log.warning("%s tier: lookup failed: %s", self.name, exc)
+            return [False] * len(keys)
 
     def get(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
         """Read and verify the chunks (several at once on reader threads); a writer touches the hits."""
-        parents = self.ledger.parents(keys)
+        try:
+            parents = self.ledger.parents(keys)
+        except StorageError as exc:
+            log.warning("%s tier: lookup failed: %s", self.name, exc)
+            return [None] * len(keys)
         todo = [(i, chunk_path(self.root, k, parents[k])) for i, k in enumerate(keys) if k in parents]
         found: list[Chunk | None] = [None] * len(keys)
         if len(todo) < 2 or self.read_threads < 2:
@@ -207,7 +215,11 @@ class NodeBackend:
             log.warning("%s tier: cannot encode chunk %s with %s: %s", self.name, chunk.key.hex()[:16], self.codec, exc)
             return self._count_rejected()
         tmp = tmp_path(self.root, chunk.key)
-        reservation = self.ledger.reserve(chunk.key, chunk.parent, len(header) + len(payload), self.max_bytes, tmp)
+        try:
+            reservation = self.ledger.reserve(chunk.key, chunk.parent, len(header) + len(payload), self.max_bytes, tmp)
+        except StorageError as exc:
+            log.warning("%s tier: cannot reserve room for %s: %s", self.name, chunk.key.hex()[:16], exc)
+            reservation = None
         if reservation is None:
             return self._count_rejected()
         if reservation.held:
@@ -221,8 +233,14 @@ class NodeBackend:
             log.warning("%s tier: write of %s failed: %s", self.name, chunk.key.hex()[:16], exc)
             self.ledger.abort(chunk.key)
             return self._count_rejected()
-        if not self.ledger.commit(chunk.key):  # our reservation is gone: the ledger does not count this file
+        try:
+            committed = self.ledger.commit(chunk.key)  # False: our reservation is gone, the file is not counted
+        except StorageError as exc:
+            log.warning("%s tier: cannot commit %s: %s", self.name, chunk.key.hex()[:16], exc)
+            committed = False
+        if not committed:
             path.unlink(missing_ok=True)
+            self.ledger.abort(chunk.key)
             return self._count_rejected()
         return True
 
@@ -235,7 +253,11 @@ class NodeBackend:
         """Remove keys and their files; a read-only tier keeps nothing of its own, so it removes nothing."""
         if self.read_only:
             return 0
-        return self.ledger.remove(keys)
+        try:
+            return self.ledger.remove(keys)
+        except StorageError as exc:
+            log.warning("%s tier: delete failed: %s", self.name, exc)
+            return 0
 
     def clear(self) -> int:
         """Remove every chunk of the folder (all tenants: the folder is shared); returns how many."""
