@@ -31,6 +31,7 @@ there (its ``contains`` and the read-only observer need no ledger).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -353,7 +354,8 @@ class DiskBackend:
             if not self._ledger.commit(chunk.key):
                 raise OSError("its reservation in the folder's ledger was lost")
         except (OSError, StorageError) as exc:
-            path.unlink(missing_ok=True)  # not (or no longer) counted by the ledger
+            with contextlib.suppress(OSError):  # not (or no longer) counted by the ledger
+                path.unlink(missing_ok=True)
             log.warning("disk tier: write of %s failed: %s", chunk.key.hex()[:16], exc)
             self._ledger.abort(chunk.key)
             with self._lock:
