@@ -131,6 +131,7 @@ class Ledger:
         self.root = Path(root)
         self.path = self.root / LEDGER_FILE
         self.read_only = read_only
+        self._pid = os.getpid()
         self._token = process_token()
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
@@ -147,6 +148,8 @@ class Ledger:
             return self._connect() is not None
 
     def _connect(self) -> sqlite3.Connection | None:
+        if self._pid != os.getpid():  # forked: a connection must not cross a fork, and this is another writer
+            self._pid, self._token, self._db = os.getpid(), process_token(), None
         if self._db is not None:
             return self._db
         try:
