@@ -108,7 +108,7 @@ def _stats(args: argparse.Namespace, config: KvtierConfig, console: Console) -> 
         print(json.dumps({"tiers": [r.to_dict() for r in reports]}, indent=2))
         return
     if not reports:
-        console.print("no persistent tier is enabled (l2, l3)")
+        console.print("no persistent tier is enabled (node, l2, l3)")
     for r in reports:
         if r.entries is None:
             console.print(f"{r.name}: {r.where}: shared store, not counted here (ask the server, e.g. INFO memory)")

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from kvtier.errors import ConfigError
 
@@ -74,6 +74,27 @@ class L1Config(_Frozen):
     enabled: bool = True
     max_bytes: PositiveBytes = ByteSize(2 * 10**9)
     codec: CodecSpec = Field(default="raw", description="how chunks are held in memory (raw: as tensors)")
+
+
+class NodeConfig(_Frozen):
+    """Memory tier shared by every engine process of this user on the machine (files in a tmpfs); outlives them.
+
+    ``enabled`` None: ``kvtier serve`` turns it on where the machine has room
+    (and says so at start-up); everything else leaves it off. ``max_bytes``
+    None: ``kvtier serve`` picks it from the free memory; elsewhere it is
+    needed when the tier is enabled.
+    """
+
+    enabled: bool | None = Field(default=None, description="None: on under kvtier serve where there is room")
+    path: Path | None = Field(default=None, description="folder in a tmpfs; default /dev/shm/kvtier-<uid>")
+    max_bytes: PositiveBytes | None = Field(default=None, description="one budget for every process on the machine")
+    codec: CodecSpec = Field(default="raw", description="codec of the chunk files, e.g. int8+zstd")
+
+    @model_validator(mode="after")
+    def _budget_when_enabled(self) -> NodeConfig:
+        if self.enabled and self.max_bytes is None:
+            raise ValueError("node.max_bytes is needed when node.enabled is true (e.g. node.max_bytes=4GB)")
+        return self
 
 
 class L2Config(_Frozen):
@@ -131,6 +152,7 @@ class KvtierConfig(_Frozen):
     write_queue_bytes: PositiveBytes = ByteSize(10**9)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     l1: L1Config = L1Config()
+    node: NodeConfig = NodeConfig()
     l2: L2Config = L2Config()
     l3: L3Config = L3Config()
     vllm: VllmConfig = VllmConfig()
@@ -138,6 +160,11 @@ class KvtierConfig(_Frozen):
     @property
     def chunk_dir(self) -> Path:
         return self.l2.path if self.l2.path is not None else self.cache_dir / "chunks"
+
+    @property
+    def node_dir(self) -> Path:
+        """The node tier's folder: ``node.path``, else ``/dev/shm/kvtier-<uid>`` (one per user)."""
+        return self.node.path if self.node.path is not None else Path("/dev/shm") / f"kvtier-{os.getuid()}"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origins: dict[str, str], origin: str) -> None:

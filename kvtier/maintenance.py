@@ -4,10 +4,13 @@ Both work next to running engines. ``stats`` opens every tier read-only
 (:meth:`TierAccess.inspect`): it never writes, evicts, touches or deletes a
 file, never removes another process's in-flight ``.tmp`` files, and creates
 no folder (a cache folder that does not exist is an empty tier). ``clear``
-removes the chunks of the tiers it names, and only those: the disk tier's
-files, and in Redis only the keys of the configured prefix and tenant. The
+removes the chunks of the tiers it names, and only those: the node tier's and
+the disk tier's files (through their ledgers, so live writers' budgets stay
+right), and in Redis only the keys of the configured prefix and tenant. The
 memory tier (``l1``) lives inside each engine process and is neither
-counted nor cleared here.
+counted nor cleared here. The node tier counts when the config enables it
+(``kvtier serve`` turns it on by itself: pass ``--set node.enabled=true
+--set node.max_bytes=…`` to look at it).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from kvtier.errors import ConfigError
 if TYPE_CHECKING:  # storage (torch) is imported on use: `kvtier --help` and `serve` stay light
     from kvtier.storage import StorageBackend, TierAccess
 
-PERSISTENT_TIERS = ("l2", "l3")
+PERSISTENT_TIERS = ("node", "l2", "l3")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class TierReport:
 
 def describe(config: KvtierConfig, name: str) -> str:
     """Where tier ``name`` keeps its chunks, for humans (credentials redacted)."""
+    if name == "node":
+        return f"node memory {config.node_dir}"
     if name == "l2":
         return f"disk {config.chunk_dir}"
     if name == "l3":
@@ -51,8 +56,8 @@ def describe(config: KvtierConfig, name: str) -> str:
 
 
 def enabled_tiers(config: KvtierConfig) -> list[str]:
-    """The persistent tiers ``config`` enables, in order."""
-    return [name for name in PERSISTENT_TIERS if getattr(config, name).enabled]
+    """The persistent tiers ``config`` enables, in order (``node.enabled`` None counts as off)."""
+    return [name for name in PERSISTENT_TIERS if getattr(config, name).enabled is True]
 
 
 def _open(config: KvtierConfig, access: TierAccess, only: Sequence[str] = PERSISTENT_TIERS) -> list[StorageBackend]:

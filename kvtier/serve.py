@@ -10,6 +10,11 @@ configuration (``--config``, ``--set``, ``KVTIER_*``) is checked here, before
 vLLM starts, and handed to the connector in both of vLLM's processes. So
 that the connector's ``kvtier.*`` logs show up next to vLLM's, the server
 gets a vLLM logging config with a ``kvtier`` logger (:func:`vllm_logging_env`).
+
+The node memory tier (``[node]``, shared by every engine on the machine and
+outliving them) is turned on here unless the config says otherwise, where
+the machine has room (:func:`node_tier`), with one line on stderr naming its
+folder and budget; ``--set node.enabled=false`` keeps it off.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from kvtier.config import KvtierConfig
 from kvtier.errors import ConfigError, KvtierError
 
 DEFAULT_KV_CACHE_GIB = 4
+NODE_MEMORY_SHARE = 0.25  # default node budget: this share of the available memory...
+NODE_SHM_SHARE = 0.5  # ...and at most this share of the tmpfs's free space
+NODE_MIN_BYTES = 256 * 10**6  # below this the machine has no room for a useful node tier
 CPU_BLOCK_SIZE = 128  # vLLM's default block size on CPU
 
 
@@ -117,6 +125,66 @@ def _gib(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
+def node_budget(mem_available: int, fs_free: int, wanted: int | None) -> int | None:
+    """The node tier's budget on a machine with these free bytes, or None where it has no room.
+
+    ``wanted`` (the configured ``node.max_bytes``) must fit the folder's free
+    space; without one, the budget is a share of the available memory,
+    capped by a share of the free space.
+    """
+    if wanted is not None:
+        return wanted if wanted <= fs_free else None
+    budget = int(min(mem_available * NODE_MEMORY_SHARE, fs_free * NODE_SHM_SHARE))
+    return budget if budget >= NODE_MIN_BYTES else None
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes of the filesystem that holds (or would hold) ``path``; 0 if there is none."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            st = os.statvfs(folder)
+            return st.f_bavail * st.f_frsize
+    return 0
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def node_tier(config: KvtierConfig) -> tuple[dict[str, Any], str]:
+    """(config overrides, one line for the log) that settle the node tier for ``kvtier serve``.
+
+    ``node.enabled`` false: off. True or unset: on with the configured
+    budget, or (unset only) with :func:`node_budget`'s; unset and no room:
+    off, saying why. The overrides go to the connector in both vLLM processes.
+    """
+    node, folder = config.node, config.node_dir
+    if node.enabled is False:
+        return {}, f"node memory tier off (node.enabled=false); chunks survive a restart on {config.chunk_dir}"
+    if node.enabled:
+        assert node.max_bytes is not None
+        return {}, f"node memory tier at {folder}, budget {int(node.max_bytes) / 1e9:.2f} GB (configured)"
+    free = _free_bytes(folder)
+    wanted = int(node.max_bytes) if node.max_bytes is not None else None
+    budget = node_budget(_mem_available(), free, wanted)
+    if budget is None:
+        return {"node.enabled": "false"}, (
+            f"node memory tier off: {folder} has {free / 1e9:.2f} GB free, no room for a budget "
+            f"(set node.enabled=true and node.max_bytes to force it)"
+        )
+    return {"node.enabled": "true", "node.max_bytes": str(budget)}, (
+        f"node memory tier at {folder}, budget {budget / 1e9:.2f} GB, shared by every engine on this machine "
+        f"(--set node.enabled=false turns it off)"
+    )
+
+
 def prepare(
     config: KvtierConfig, config_file: Path | None, overrides: Mapping[str, Any], options: ServeOptions
 ) -> tuple[list[str], dict[str, str]]:
@@ -133,14 +201,17 @@ def prepare(
                 f"kvtier chunk_size {config.chunk_size} must be a multiple of vLLM's block size {block} "
                 f"(vLLM's CPU default; set chunk_size, e.g. --set chunk_size={block * 2}, or vLLM's --block-size)"
             )
-        if not (config.l2.enabled or config.l3.enabled):
+        node_overrides, node_line = node_tier(config)
+        if not (config.l2.enabled or config.l3.enabled or node_overrides.get("node.enabled", config.node.enabled)):
             raise ConfigError(
-                "kvtier serve needs l2 (disk) or l3 (Redis) enabled: vLLM's scheduler process finds "
-                "the chunks its worker stored through them"
+                "kvtier serve needs node (memory), l2 (disk) or l3 (Redis) enabled: vLLM's scheduler process "
+                "finds the chunks its worker stored through them"
             )
         from kvtier.fingerprint import folder_fingerprint
 
         folder_fingerprint(model_dir, config.cache_dir)  # once here, then both vLLM processes read the memo
+        overrides = {**overrides, **node_overrides}
+        print(f"kvtier serve: {node_line}", file=sys.stderr, flush=True)
     name = options.served_model_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
     env = build_env(options, os.environ)
     if options.kvtier:

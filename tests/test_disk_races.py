@@ -24,7 +24,7 @@ from kvtier.config import load_config
 from kvtier.engine import CacheEngine
 from kvtier.keys import Namespace
 from kvtier.storage import DiskBackend, TierAccess
-from kvtier.storage import disk as disk_module
+from kvtier.storage import files as files_module
 
 MakeChain = Callable[..., list[Chunk]]
 
@@ -47,13 +47,13 @@ def _open(root: Path, max_bytes: int = 10**7, **kwargs: object) -> DiskBackend:
 def _replace_during_read(monkeypatch: pytest.MonkeyPatch, newer: Path, path: Path) -> Callable[..., object]:
     """Make the next payload read first move ``newer`` over ``path`` (another writer lands mid-read); returns the
     real reader."""
-    real = disk_module.read_payload
+    real = files_module.read_payload
 
     def replace_then_read(f, head, header):
         os.replace(newer, path)
         return real(f, head, header)
 
-    monkeypatch.setattr(disk_module, "read_payload", replace_then_read)
+    monkeypatch.setattr(files_module, "read_payload", replace_then_read)
     return real
 
 
@@ -99,7 +99,7 @@ def test_damaged_file_replaced_by_a_valid_one_mid_read_keeps_the_valid_one(
     assert disk.get([a.key]) == [None]  # what was read was damaged: a miss
     assert disk.stats().corrupt == 0  # ...but it is not there any more: nothing to count or delete
     assert path.read_bytes() == valid
-    monkeypatch.setattr(disk_module, "read_payload", real)
+    monkeypatch.setattr(files_module, "read_payload", real)
     got = disk.get([a.key])[0]
     assert got is not None and torch.equal(got.payload, a.payload)
 

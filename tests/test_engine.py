@@ -394,7 +394,7 @@ def test_single_tier_engines(make_engine: EngineFactory, layout: KVLayout) -> No
 
 
 def test_no_tier_is_an_error(tmp_path: Path, namespace: Namespace) -> None:
-    with pytest.raises(ValueError, match="enable at least one of l1, l2 or l3"):
+    with pytest.raises(ValueError, match="enable at least one of l1, node, l2 or l3"):
         CacheEngine.from_config(_config(tmp_path, l1__enabled=False, l2__enabled=False), namespace)
     with pytest.raises(ValueError):
         CacheEngine(namespace, None, chunk_size=0)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from kvtier import serve
 from kvtier.cli import main
 
 
@@ -43,7 +44,8 @@ def test_print_command_carries_the_connector_and_the_kvtier_config(printed, tmp_
     assert transfer["kv_connector_module_path"] == "kvtier.adapters.vllm"
     assert transfer["kv_load_failure_policy"] == "recompute"
     extra = transfer["kv_connector_extra_config"]
-    assert extra["set"] == {"l2.path": str(tmp_path), "l1.max_bytes": "1GB"}
+    node = {k: v for k, v in extra["set"].items() if k.startswith("node.")}
+    assert {k: v for k, v in extra["set"].items() if k not in node} == {"l2.path": str(tmp_path), "l1.max_bytes": "1GB"}
     assert extra["metrics_port"] == 9464
 
 
@@ -57,7 +59,7 @@ def test_no_kvtier_is_the_same_server_without_the_connector(printed):
     [
         (["--set", "chunk_size=100"], "must be a multiple of vLLM's block size 128"),
         (["--set", "chunk_size=256", "--", "--block-size", "96"], "must be a multiple of vLLM's block size 96"),
-        (["--set", "l2.enabled=false"], "needs l2 (disk) or l3 (Redis)"),
+        (["--set", "l2.enabled=false", "--set", "node.enabled=false"], "needs node (memory), l2 (disk) or l3 (Redis)"),
         (["--set", "l1.max_bytes=lots"], "l1.max_bytes"),
     ],
 )
@@ -65,6 +67,38 @@ def test_bad_settings_are_refused_before_vllm_starts(printed, args, message):
     rc, argv, err = printed(*args)
     assert rc == 2 and argv == []
     assert message in err
+
+
+def test_node_tier_is_on_by_default_where_there_is_room_and_says_so(printed, tmp_path):
+    shm = tmp_path / "shm"
+    rc, argv, err = printed("--set", f"node.path={shm}")
+    assert rc == 0
+    extra = json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    budget = serve.node_budget(serve._mem_available(), serve._free_bytes(shm), None)
+    if budget is None:  # a machine without room: off, and the line says why
+        assert extra["set"]["node.enabled"] == "false" and "node memory tier off" in err
+        return
+    assert extra["set"]["node.enabled"] == "true"
+    assert abs(int(extra["set"]["node.max_bytes"]) - budget) < 64 * 10**6  # free memory moves a little
+    (line,) = [x for x in err.splitlines() if "node memory tier" in x]
+    assert f"node memory tier at {shm}, budget" in line and "node.enabled=false turns it off" in line
+
+
+def test_node_tier_off_when_asked(printed):
+    rc, argv, err = printed("--set", "node.enabled=false")
+    extra = json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    assert rc == 0 and extra["set"]["node.enabled"] == "false"
+    assert "node memory tier off (node.enabled=false)" in err
+
+
+def test_node_budget_is_a_share_of_free_memory_capped_by_the_folder():
+    gb = 10**9
+    assert serve.node_budget(16 * gb, 20 * gb, None) == 4 * gb  # a quarter of the memory
+    assert serve.node_budget(16 * gb, 4 * gb, None) == 2 * gb  # half of the tmpfs
+    assert serve.node_budget(16 * gb, 0, None) is None  # no tmpfs room
+    assert serve.node_budget(10**8, 20 * gb, None) is None  # too little memory for a useful tier
+    assert serve.node_budget(16 * gb, 3 * gb, 2 * gb) == 2 * gb  # a configured budget that fits
+    assert serve.node_budget(16 * gb, 1 * gb, 2 * gb) is None
 
 
 def test_only_compat_reaches_into_vllm():

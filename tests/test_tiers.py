@@ -337,7 +337,7 @@ def test_read_only_tiers_are_never_written_or_promoted_into(make_chain: MakeChai
 
 
 def test_in_process_tiers_must_come_first(disk: DiskBackend) -> None:
-    with pytest.raises(ValueError, match="in-process tiers must come before"):
+    with pytest.raises(ValueError, match="in-process and shared-memory tiers must come before"):
         TierStack([disk, MemoryBackend(10)], write_queue_bytes=1)
 
 

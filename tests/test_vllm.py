@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from kvtier.fingerprint import folder_fingerprint
 from kvtier.keys import Namespace, chunk_spans
 from kvtier.layout import KVLayout
 from kvtier.models import resolve_model
+from kvtier.storage import NodeBackend
 
 pytestmark = pytest.mark.vllm
 
@@ -272,3 +275,51 @@ def test_serve_chat_completions_plain_and_streaming(server):
     events = _stream(base + "/v1/chat/completions", body)
     streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert len(events) > 2 and streamed == answer
+
+
+# -- the node memory tier: shared by engine processes, outliving them ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def node_runs(model_dir: Path, prompts: dict[str, list[int]], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One engine stores prompt a; a second, fresh engine (a restart) asks for a, then stores b, under a node budget
+    that cannot hold both prompts (a 256-token chunk file is 11.8 MB)."""
+    cache, shm = tmp_path_factory.mktemp("kvtier-vllm-node"), Path(tempfile.mkdtemp(dir="/dev/shm"))
+    node = shm / "node"
+    kvtier = {
+        "set": {
+            "cache_dir": str(cache),
+            "l1.max_bytes": "512MB",
+            "node.enabled": "true",
+            "node.path": str(node),
+            "node.max_bytes": "40MB",
+        }
+    }
+    a, b = prompts["a"], prompts["b"]
+    try:
+        first, _ = run_driver({"model": str(model_dir), "kvtier": kvtier, "requests": [{"tokens": a}]})
+        second, second_log = run_driver(
+            {"model": str(model_dir), "kvtier": kvtier, "requests": [{"tokens": a}, {"tokens": b}]}
+        )
+        files = [p.stat().st_size for p in node.rglob("*") if p.is_file() and not p.name.startswith("ledger")]
+        tier = NodeBackend(node, 40 * 10**6, read_only=True)
+        tier.start()
+        totals = tier.ledger.totals()
+        tier.close()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    return {"first": first, "second": second, "second_log": second_log, "files": files, "totals": totals}
+
+
+def test_after_a_vllm_restart_the_hit_comes_from_the_node_tier(node_runs):
+    first, second = node_runs["first"], node_runs["second"]
+    assert second[0]["num_cached_tokens"] == 512
+    assert "loaded 512 tokens [0, 512) from kvtier (node:512)" in node_runs["second_log"]  # memory, not disk
+    assert second[0]["token_ids"] == first[0]["token_ids"]
+
+
+def test_the_node_budget_holds_across_both_engines(node_runs):
+    entries, used, pending = node_runs["totals"]
+    assert pending == 0 and entries == len(node_runs["files"])
+    assert sum(node_runs["files"]) == used <= 40 * 10**6  # exact: every byte of the folder, within one budget
+    assert entries >= 2  # b's chunks (and a's partial) pushed some of a's out, the folder still holds a prefix

@@ -9,7 +9,11 @@ backend class:
 
 * :class:`InProcess` -- ``in_process`` True: the tier holds chunks in this
   process's memory, so writing it costs no I/O and happens on the caller's
-  thread; every other tier is written in the background.
+  thread.
+* :class:`SharedMemory` -- ``shared_memory`` True: the tier is memory shared
+  with other processes on this machine (the ``node`` tier): also written on
+  the caller's thread, so every process sees a chunk once ``put`` returns.
+  Every other tier is written in the background.
 * :class:`ReadOnly` -- ``read_only`` True: the tier was opened as an
   observer; the stack never writes or promotes into it (a discard only
   makes it forget the key).
@@ -60,8 +64,20 @@ class ReadOnly(Protocol):
     read_only: bool
 
 
+@runtime_checkable
+class SharedMemory(Protocol):
+    """A tier in memory shared by the processes of this machine: the stack writes it on the caller's thread."""
+
+    shared_memory: bool
+
+
 def is_in_process(backend: object) -> bool:
     return isinstance(backend, InProcess) and backend.in_process
+
+
+def is_synchronous(backend: object) -> bool:
+    """Whether the stack writes ``backend`` on the caller's thread (in-process or shared-memory tiers)."""
+    return is_in_process(backend) or (isinstance(backend, SharedMemory) and backend.shared_memory)
 
 
 def is_read_only(backend: object) -> bool:

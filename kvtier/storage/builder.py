@@ -5,8 +5,8 @@ which engine or process role it is: vLLM's scheduler is an observer
 (``TierAccess.observer()``), its worker shares a disk folder with the
 scheduler (``TierAccess.shared()``), ``kvtier stats`` inspects
 (``TierAccess.inspect()``). Each tier is named after its config section
-(``l1``, ``l2``, ``l3``): that one name is what metrics, logs,
-``LookupResult.tier_tokens`` and the docs use.
+(``l1``, ``node``, ``l2``, ``l3``, in that order): that one name is what
+metrics, logs, ``LookupResult.tier_tokens`` and the docs use.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kvtier.metrics import KvtierMetrics
 from kvtier.storage.base import StorageBackend
 from kvtier.storage.cpu import MemoryBackend
 from kvtier.storage.disk import DiskBackend
+from kvtier.storage.node import NodeBackend
 from kvtier.storage.tiers import TierStack
 
 if TYPE_CHECKING:  # config validates redis URLs with kvtier.storage.urls: no import cycle at load time
@@ -30,10 +31,11 @@ class TierAccess:
     """How this process opens the configured tiers.
 
     ``memory``: build the in-process tier (``l1``) if the config enables it.
-    ``read_only``: persistent tiers are never written, evicted, touched or
-    deleted, and nothing is created (an observer cannot fight a writer's budget).
-    ``watch``: tiers shared with other processes (the disk folder) notice what
-    those processes write.
+    ``read_only``: tiers shared with other processes (``node``, ``l2``,
+    ``l3``) are never written, evicted, touched or deleted, and nothing is
+    created (an observer cannot fight a writer's budget).
+    ``watch``: the disk folder notices what other processes write (the node
+    tier always does: its index is the shared ledger).
     """
 
     memory: bool = True
@@ -52,7 +54,7 @@ class TierAccess:
 
     @classmethod
     def inspect(cls) -> TierAccess:
-        """A one-shot look at persistent tiers (``kvtier stats``): read-only, no memory tier."""
+        """A one-shot look at the shared tiers (``kvtier stats``): read-only, no in-process memory tier."""
         return cls(memory=False, read_only=True, watch=False)
 
 
@@ -64,6 +66,17 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
     backends: list[StorageBackend] = []
     if config.l1.enabled and access.memory:
         backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec), name="l1"))
+    if config.node.enabled:
+        assert config.node.max_bytes is not None  # the config refuses an enabled node tier without a budget
+        backends.append(
+            NodeBackend(
+                config.node_dir,
+                int(config.node.max_bytes),
+                codec=get_codec(config.node.codec),
+                name="node",
+                read_only=access.read_only,
+            )
+        )
     if config.l2.enabled:
         backends.append(
             DiskBackend(
@@ -89,7 +102,7 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
             )
         )
     if not backends:
-        enabled = "l2 or l3" if not access.memory else "l1, l2 or l3"
+        enabled = "node, l2 or l3" if not access.memory else "l1, node, l2 or l3"
         raise ValueError(f"no tier to open: enable at least one of {enabled}")
     return backends
 

@@ -20,10 +20,18 @@ process that only looks up (the scheduler) cannot fight the writer's budget;
 it creates nothing either (a missing folder is an empty tier). A writer's
 ``start`` removes only temporary files of writers that are gone (their pid
 is not running), never another live process's in-flight write.
+
+The byte budget is the folder's, not the process's: every writer reserves
+a chunk's bytes in the folder's :class:`~kvtier.storage.ledger.Ledger` before
+writing it, and the ledger picks the victims (leaves, least recently used
+first, across every process), so several processes writing one folder keep
+it within one budget. The local index stays this process's view of what is
+there (its ``contains`` and the read-only observer need no ledger).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -32,33 +40,27 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kvtier.chunk import (
-    PREFIX_BYTES,
-    Chunk,
-    decode_header,
-    decode_payload,
-    encode_parts,
-    header_length,
-)
+from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
 from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import BackendStats
 from kvtier.storage.files import (
-    ROOT_PARENT,
-    SUFFIX,
+    chunk_path,
     drop_page_cache,
     parse_name,
-    read_payload,
+    read_chunk,
     remove_orphaned_tmp,
     subdirs,
+    tmp_path,
     touch_file,
+    write_file,
 )
+from kvtier.storage.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-_HEAD_READ = 1 << 16
 _RACE_NS = 50_000_000  # 50 ms: longer than a filesystem timestamp tick
 
 
@@ -105,12 +107,12 @@ class DiskBackend:
         # files of one get() are read and decoded in parallel: file reads and the codecs' kernels release the GIL
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self._readers: ThreadPoolExecutor | None = None
+        self._ledger = None if read_only else Ledger(self.root)  # the folder's one budget, shared by its writers
 
     # -- paths -------------------------------------------------------------------------------------------------
 
     def _path(self, key: ChunkKey, parent: ChunkKey | None) -> Path:
-        h = key.hex()
-        return self.root / h[:2] / f"{h}.{parent.hex() if parent is not None else ROOT_PARENT}{SUFFIX}"
+        return chunk_path(self.root, key, parent)
 
     def _path_of(self, key: ChunkKey) -> Path:
         return self._path(key, self._parents[key])
@@ -133,11 +135,14 @@ class DiskBackend:
                 raise StorageError(f"disk tier {self.root}: cannot open: {exc.strerror or exc}") from exc
             for _, key, parent, size in sorted(found, key=lambda f: f[0]):
                 self._index(key, parent, size)
-            victims = [] if self.read_only else self._lru.plan_eviction(0, self.max_bytes) or []
-            paths = [self._forget(v) for v in victims]
+            victims = []
+            if self._ledger is not None:  # the ledger evicts (and unlinks) down to the folder's budget
+                self._ledger.open()
+                victims = self._ledger.sync(found, self.max_bytes)
+            for v in victims:
+                if v in self._lru:
+                    self._forget(v)
             self._started = True
-        for p in paths:
-            p.unlink(missing_ok=True)
         log.info("disk tier %s: %d chunks, %d bytes indexed", self.root, len(self._lru), self._lru.used_bytes)
 
     def close(self) -> None:
@@ -146,6 +151,8 @@ class DiskBackend:
             readers, self._readers = self._readers, None
         if readers is not None:
             readers.shutdown(wait=True)
+        if self._ledger is not None:
+            self._ledger.close()
 
     # -- index helpers (lock held) -----------------------------------------------------------------------------
 
@@ -224,6 +231,8 @@ class DiskBackend:
             for key in reversed(hits):  # ancestors get the later mtime, as in the LRU
                 if self._present(key):
                     touch_file(self._path_of(key), self._next_mtime())
+        if self._ledger is not None:
+            self._ledger.touch(hits)
         return found
 
     def _next_mtime(self) -> int:
@@ -251,19 +260,9 @@ class DiskBackend:
         inode = None
         try:
             with open(path, "rb", buffering=0) as f:
-                inode = os.fstat(f.fileno()).st_ino
-                head = f.read(_HEAD_READ)
-                needed = header_length(head[:PREFIX_BYTES])
-                if needed > len(head):
-                    head += f.read(needed - len(head))
-                header = decode_header(head)
-                if header.key != key:
-                    raise ChunkFormatError("file holds another key")
-                size = os.fstat(f.fileno()).st_size
-                if size != header.offset + header.payload_len:
-                    raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
-                payload = read_payload(f, head, header)
-            return decode_payload(header, payload)
+                st = os.fstat(f.fileno())
+                inode = st.st_ino
+                return read_chunk(f, st.st_size, key)
         except FileNotFoundError:
             self._vanished(key, path)
         except (ChunkFormatError, OSError) as exc:
@@ -278,6 +277,8 @@ class DiskBackend:
         with self._lock:
             if self._present(key) and self._path_of(key) == path and not path.exists():
                 self._forget(key)
+                if self._ledger is not None:
+                    self._ledger.forget(key)
 
     def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False) -> None:
         """``path`` (inode ``inode``) failed verification: count it, and remove it if the name still points there.
@@ -300,8 +301,9 @@ class DiskBackend:
                 self._corrupt += 1
             if self._present(key):
                 self._forget(key)
-            if not self.read_only:
+            if self._ledger is not None:
                 path.unlink(missing_ok=True)
+                self._ledger.forget(key)
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         if self.read_only:
@@ -317,6 +319,7 @@ class DiskBackend:
                 self._rejected += 1
             return False
         size = len(header) + len(payload)
+        assert self._ledger is not None  # a writer
         with self._lock:
             if chunk.key in self._lru:
                 self._lru.touch([chunk.key])
@@ -324,32 +327,37 @@ class DiskBackend:
                     touch_file(self._path_of(chunk.key), self._next_mtime())
                 return True
             self._index(chunk.key, chunk.parent, size)
-            victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key, *self._pending])
-            if victims is None:
-                self._forget(chunk.key)
-                self._rejected += 1
-                return False
             self._pending.add(chunk.key)
-            doomed = [self._forget(v) for v in victims]
-            self._evictions += len(victims)
-        for p in doomed:
-            p.unlink(missing_ok=True)
         path = self._path(chunk.key, chunk.parent)
-        tmp = self.root / ".tmp" / f"{chunk.key.hex()}.{os.getpid()}.{threading.get_ident()}"
+        tmp = tmp_path(self.root, chunk.key)
+        # the folder's budget: the ledger picks (and unlinks) victims among every process's chunks
         try:
-            path.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(payload)
-                if self.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
+            reservation = self._ledger.reserve(chunk.key, chunk.parent, size, self.max_bytes, tmp)
+        except StorageError as exc:
+            log.warning("disk tier: cannot reserve room for %s: %s", chunk.key.hex()[:16], exc)
+            reservation = None
+        with self._lock:
+            for victim, _ in reservation.victims if reservation is not None else ():
+                if victim in self._lru and victim not in self._pending:
+                    self._forget(victim)
+            if reservation is None or reservation.held:  # no room; or another process holds or writes it
+                self._pending.discard(chunk.key)
+                if reservation is None:
+                    self._forget(chunk.key)
+                    self._rejected += 1
+                return reservation is not None
+            self._evictions += len(reservation.victims)
+        try:
+            write_file(tmp, path, (header, payload), fsync=self.fsync)
             with self._lock:
                 touch_file(path, self._next_mtime())
-        except OSError as exc:
+            if not self._ledger.commit(chunk.key):
+                raise OSError("its reservation in the folder's ledger was lost")
+        except (OSError, StorageError) as exc:
+            with contextlib.suppress(OSError):  # not (or no longer) counted by the ledger
+                path.unlink(missing_ok=True)
             log.warning("disk tier: write of %s failed: %s", chunk.key.hex()[:16], exc)
-            tmp.unlink(missing_ok=True)
+            self._ledger.abort(chunk.key)
             with self._lock:
                 self._pending.discard(chunk.key)
                 if chunk.key in self._lru:
@@ -363,10 +371,13 @@ class DiskBackend:
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         """Remove keys and their files (a read-only tier only forgets them)."""
         with self._lock:
-            paths = [self._forget(k) for k in keys if self._present(k)]
-        if not self.read_only:
-            for p in paths:
-                p.unlink(missing_ok=True)
+            present = [k for k in keys if self._present(k)]
+            paths = [self._forget(k) for k in present]
+        if self._ledger is not None:
+            try:
+                self._ledger.remove(present)  # unlinks the files, then drops their rows
+            except StorageError as exc:
+                log.warning("disk tier: delete failed: %s", exc)
         return len(paths)
 
     def clear(self) -> int:

@@ -1,21 +1,103 @@
-"""The disk tier's file conventions: names, temporary files, reads into one buffer, mtimes, the page cache.
+"""The chunk-folder file conventions (disk ``l2`` and ``node`` tiers): names, private folders and files,
+temporary files, the one verified read, mtimes, the page cache.
 
 A chunk file is ``<root>/<k[:2]>/<key hex>.<parent hex or "root">.kvc``; a
-write in progress is ``<root>/.tmp/<key hex>.<pid>.<thread id>``.
+write in progress is ``<root>/.tmp/<key hex>.<pid>.<thread id>``. A chunk file
+is written once, to its temporary name, and renamed into place: its contents
+never change after that, so a reader either sees the whole file or no file.
+Files are created ``0600`` (whatever the umask), so another user on the
+machine cannot read a tenant's KV.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from kvtier.chunk import ChunkHeader
-from kvtier.errors import ChunkFormatError
+import torch
+
+from kvtier.chunk import PREFIX_BYTES, Chunk, ChunkHeader, decode_header, decode_payload, header_length
+from kvtier.errors import ChunkFormatError, StorageError
 from kvtier.keys import ChunkKey
 
 SUFFIX = ".kvc"
 ROOT_PARENT = "root"
+TMP_DIR = ".tmp"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_HEAD_READ = 1 << 16  # one read gets the header, the token ids and the start of the body
+
+
+def chunk_path(root: Path, key: ChunkKey, parent: ChunkKey | None) -> Path:
+    """Where the chunk ``key`` (child of ``parent``) lives under ``root``."""
+    h = key.hex()
+    return root / h[:2] / f"{h}.{parent.hex() if parent is not None else ROOT_PARENT}{SUFFIX}"
+
+
+def tmp_path(root: Path, key: ChunkKey) -> Path:
+    """The temporary name this thread writes ``key`` to before renaming it into place."""
+    return root / TMP_DIR / f"{key.hex()}.{os.getpid()}.{threading.get_ident()}"
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) as a folder only its owner may enter, or check an existing one.
+
+    Raises StorageError if the folder belongs to another user or others may
+    read or enter it (someone else could read or plant chunks there).
+    """
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"{path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise StorageError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}): not using it")
+    if st.st_mode & 0o077:
+        raise StorageError(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it")
+
+
+def write_file(tmp: Path, path: Path, parts: Iterable[bytes | memoryview], *, fsync: bool = False) -> None:
+    """Write ``parts`` to ``tmp`` (created ``0600``, never an existing file) and rename it to ``path``.
+
+    ``path``'s folder is created (``0700``) if missing. On an OSError the
+    temporary file is removed and the error raised; ``path`` is then untouched.
+    """
+    try:
+        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        with open(fd, "wb", buffering=0) as f:
+            for part in parts:
+                view = memoryview(part)
+                while view:  # unbuffered writes may be partial
+                    view = view[f.write(view) :]
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_chunk(f, size: int, key: ChunkKey) -> Chunk:
+    """Read and verify the chunk file open as ``f`` (unbuffered, ``size`` bytes), which must hold ``key``.
+
+    The body is read straight into fresh, uninitialised memory that the
+    returned chunk owns (no zero-fill, no second copy). Raises
+    ChunkFormatError if the file is not a valid chunk for ``key`` (a
+    ChunkVersionError if it is one in another format), OSError if it cannot be read.
+    """
+    head = f.read(_HEAD_READ)
+    needed = header_length(head[:PREFIX_BYTES])
+    if needed > len(head):
+        head += f.read(needed - len(head))
+    header = decode_header(head)
+    if header.key != key:
+        raise ChunkFormatError("file holds another key")
+    if size != header.offset + header.payload_len:
+        raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
+    return decode_payload(header, read_payload(f, head, header))
 
 
 def subdirs(root: Path, *, missing_ok: bool) -> list[str]:
@@ -26,6 +108,26 @@ def subdirs(root: Path, *, missing_ok: bool) -> list[str]:
         if missing_ok:
             return []
         raise
+
+
+def scan_chunks(root: Path) -> list[tuple[int, ChunkKey, ChunkKey | None, int]]:
+    """(mtime ns, key, parent, size) of every chunk file under ``root`` (names parsed, no file opened)."""
+    found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
+    for sub in subdirs(root, missing_ok=True):
+        try:
+            entries = list(os.scandir(root / sub))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            parsed = parse_name(entry.name)
+            if parsed is None:
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:  # removed by another process while listing
+                continue
+            found.append((st.st_mtime_ns, parsed[0], parsed[1], st.st_size))
+    return found
 
 
 def remove_orphaned_tmp(tmp: Path) -> None:
@@ -63,9 +165,11 @@ def parse_name(name: str) -> tuple[ChunkKey, ChunkKey | None] | None:
     return key, parent
 
 
-def read_payload(f, head: bytes, header: ChunkHeader) -> bytearray:
-    buf = bytearray(header.payload_len)
-    view = memoryview(buf)
+def read_payload(f, head: bytes, header: ChunkHeader) -> memoryview:
+    """The body of the chunk file ``f`` whose first bytes are ``head``, in fresh memory (raises if truncated)."""
+    # torch.empty: uninitialised (bytearray would zero-fill every page first); the chunk's tensor shares it
+    view = memoryview(torch.empty(header.payload_len, dtype=torch.uint8).numpy())
+    buf = view
     already = head[header.offset : header.offset + header.payload_len]
     view[: len(already)] = already
     pos = len(already)

@@ -2,8 +2,9 @@
 
 Tiers are ordered fastest first. The stack decides, for every backend:
 
-* **who is written when.** In-process tiers (:class:`~kvtier.storage.base.InProcess`,
-  the memory tier) are written on the caller's thread; every other tier
+* **who is written when.** Memory tiers (:class:`~kvtier.storage.base.InProcess`,
+  the process's own ``l1``, and :class:`~kvtier.storage.base.SharedMemory`, the
+  machine's ``node`` tier) are written on the caller's thread; every other tier
   (disk, Redis) by one background writer thread, so no disk or network I/O
   runs in ``put``. The queue is bounded in bytes: when it is full the write
   is dropped and counted, never waited for, so a slow disk cannot stall
@@ -13,7 +14,7 @@ Tiers are ordered fastest first. The stack decides, for every backend:
   same tier refused in the same call is refused too, without asking the
   tier (it would only push reachable prefixes out). One rule, every tier.
 * **promotion.** A chunk read from a lower tier is copied into the writable
-  tiers above it: in-process ones now, the others through the queue.
+  tiers above it: memory ones now, the others through the queue.
 * **what counts as held.** ``absent`` is "no tier holds it and no queued
   write will": ``CacheEngine.store`` encodes only those.
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from kvtier.chunk import Chunk
 from kvtier.keys import ChunkKey
 from kvtier.metrics import KvtierMetrics
-from kvtier.storage.base import BackendStats, StorageBackend, is_in_process, is_read_only
+from kvtier.storage.base import BackendStats, StorageBackend, is_read_only, is_synchronous
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ _STOP = object()
 class TierStack:
     """An ordered list of backends, fastest first. Thread-safe.
 
-    In-process tiers must come first (a memory tier below a disk tier would
-    be written before the disk tier it caches): anything else is a ValueError.
+    Tiers written on the caller's thread (memory: ``l1``, ``node``) must come
+    first (a memory tier below a disk tier would be written before the disk
+    tier it caches): anything else is a ValueError.
     """
 
     def __init__(
@@ -62,10 +64,10 @@ class TierStack:
         names = [t.name for t in tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
-        in_process = [is_in_process(t) for t in tiers]
-        self.sync_tiers = next((i for i, p in enumerate(in_process) if not p), len(tiers))
-        if any(in_process[self.sync_tiers :]):
-            raise ValueError(f"in-process tiers must come before the others, got {names}")
+        synchronous = [is_synchronous(t) for t in tiers]
+        self.sync_tiers = next((i for i, p in enumerate(synchronous) if not p), len(tiers))
+        if any(synchronous[self.sync_tiers :]):
+            raise ValueError(f"in-process and shared-memory tiers must come before the others, got {names}")
         if write_queue_bytes <= 0:
             raise ValueError(f"write_queue_bytes must be positive, got {write_queue_bytes}")
         self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
@@ -88,7 +90,7 @@ class TierStack:
         return [t.name for t in self.tiers]
 
     def _sync(self, below: int | None = None) -> list[int]:
-        """Writable in-process tiers (above ``below``)."""
+        """Writable tiers written on the caller's thread (above ``below``)."""
         end = self.sync_tiers if below is None else min(self.sync_tiers, below)
         return [i for i in range(end) if self._writable[i]]
 
@@ -199,7 +201,7 @@ class TierStack:
         return accepted
 
     def put(self, chunks: Sequence[Chunk]) -> int:
-        """Store new chunks (parents first): in-process tiers now, the rest in the background.
+        """Store new chunks (parents first): memory tiers now, the rest in the background.
 
         Returns how many chunks the first writable tier took (when that tier
         is written in the background: how many were queued; a full queue
