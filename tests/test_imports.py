@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "kvtier.models": 0,
     "kvtier.storage.urls": 0,
     "kvtier.storage.breaker": 0,
+    "kvtier.threads": 0,
     # 1: codecs: payload tensor <-> bytes; know nothing of chunks, tiers or engines
     "kvtier.codec": 1,
     # 2: the one configuration

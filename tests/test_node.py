@@ -300,3 +300,19 @@ def test_node_tier_round_trip_counts_and_clear(tmp_path: Path, namespace: Namesp
     assert sum(g is None for g in got) == 1 and tier.stats().corrupt == 1
     assert not path.exists() and tier.stats().entries == 2
     assert tier.clear() == 2 and _folder_bytes(tmp_path / "n") == 0
+
+
+def test_a_disk_hit_is_promoted_into_l1_at_once_and_into_node_behind(tmp_path: Path, make_chain: MakeChain) -> None:
+    overrides = {"node.enabled": "true", "node.path": str(tmp_path / "n"), "node.max_bytes": "1MB"}
+    config = load_config(env={}, overrides={**overrides, "l2.path": str(tmp_path / "c")})
+    chain = make_chain(_tokens(12, 4), 4)
+    keys = [c.key for c in chain]
+    with build_tiers(config) as stack:
+        l1, node, l2 = stack.tiers
+        assert l2.put(chain) == [True] * 3
+        stack.promote([(c, 2) for c in l2.get(keys)])  # type: ignore[misc]
+        assert l1.contains(keys) == [True] * 3  # in-process: on the reader's thread
+        assert stack.flush(10)
+        assert node.contains(keys) == [True] * 3  # shared memory: through the write-behind queue
+        got = node.get(keys)
+        assert all(g is not None and torch.equal(g.payload, c.payload) for g, c in zip(got, chain, strict=True))

@@ -244,3 +244,31 @@ def test_a_full_store_queue_drops_the_store_and_releases_the_blocks(make_sides):
     worker._storer = threading.Thread(target=worker._store_loop, daemon=True)  # the fixture's close stops it
     worker._storer.start()
     assert wait_finished(worker) == ({"a"}, set())
+
+
+def test_an_idle_step_waits_for_a_load_in_flight_instead_of_spinning(make_sides):
+    from kvtier.adapters.vllm.compat import RequestView
+    from kvtier.adapters.vllm.worker import IDLE_WAIT_S
+
+    scheduler, worker = make_sides(**{"vllm.load_threads": 1})
+    tokens = list(range(900, 940))
+    kv = torch.randn(2, 2, H, 40, D)
+    store_request(scheduler, worker, "a", tokens, kv, [4, 1, 3])
+    b = FakeRequest("b", [*tokens, 7])
+    assert scheduler.matched(RequestView(b), 0) == (40, True)
+    scheduler.after_alloc(RequestView(b), [2, 5, 0], 40)
+    gate = threading.Event()
+    worker._loader.submit(gate.wait)  # the only load thread is busy: b's load queues behind it
+    worker.start_loads(scheduler.build_meta([], idle=True).loads)
+
+    t0 = time.perf_counter()
+    assert worker.take_finished(idle=True) == (set(), set())  # nothing ended: it waited, then reported nothing
+    assert time.perf_counter() - t0 >= 0.9 * IDLE_WAIT_S
+    gate.set()
+    reported: set[str] = set()
+    for _ in range(500):  # each idle call returns as soon as the load ends (or after IDLE_WAIT_S)
+        reported |= worker.take_finished(idle=True)[1]
+        if reported:
+            break
+    assert reported == {"b"}
+    assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 40), kv)

@@ -58,6 +58,7 @@ from kvtier.storage.files import (
     write_file,
 )
 from kvtier.storage.ledger import Ledger
+from kvtier.threads import thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class DiskBackend:
             return found
         with self._lock:
             if self._readers is None:
-                self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix=f"kvtier-{self.name}-read")
+                self._readers = thread_pool(self.read_threads, f"kvtier-{self.name}-read")
             readers = self._readers
         for i, chunk in zip(todo, readers.map(lambda i: self._read(keys[i], paths[i]), todo), strict=True):
             found[i] = chunk

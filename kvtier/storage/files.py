@@ -11,6 +11,7 @@ machine cannot read a tenant's KV.
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import threading
@@ -98,6 +99,33 @@ def read_chunk(f, size: int, key: ChunkKey) -> Chunk:
     if size != header.offset + header.payload_len:
         raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
     return decode_payload(header, read_payload(f, head, header))
+
+
+def map_chunk(f, size: int, key: ChunkKey) -> Chunk:
+    """Like :func:`read_chunk`, but the body is not copied: the chunk's payload maps the file itself.
+
+    For files in memory (tmpfs, the node tier): a read-only shared mapping,
+    populated in one call, is checked and decoded where it lies, so a raw
+    chunk costs no copy and no fresh memory at all (a later copy into an
+    engine's blocks is the only one). The mapping lives as long as the
+    chunk: an evicted (unlinked) file stays readable until then, and since
+    files are only ever replaced by rename, never rewritten in place, the
+    mapped bytes never change. A chunk's payload is never written (see
+    :class:`~kvtier.chunk.Chunk`); here writing would fault.
+    """
+    if size < PREFIX_BYTES:
+        raise ChunkFormatError(f"file is {size} bytes, too short for a chunk header")
+    mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
+    view = memoryview(mm)
+    needed = header_length(bytes(view[:PREFIX_BYTES]))
+    if needed > size:
+        raise ChunkFormatError(f"file is {size} bytes, its header needs {needed}")
+    header = decode_header(bytes(view[:needed]))
+    if header.key != key:
+        raise ChunkFormatError("file holds another key")
+    if size != header.offset + header.payload_len:
+        raise ChunkFormatError(f"file is {size} bytes, header says {header.offset + header.payload_len}")
+    return decode_payload(header, view[header.offset :])
 
 
 def subdirs(root: Path, *, missing_ok: bool) -> list[str]:

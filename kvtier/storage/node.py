@@ -41,14 +41,15 @@ from kvtier.storage.base import BackendStats
 from kvtier.storage.files import (
     TMP_DIR,
     chunk_path,
+    map_chunk,
     private_dir,
-    read_chunk,
     remove_orphaned_tmp,
     scan_chunks,
     tmp_path,
     write_file,
 )
 from kvtier.storage.ledger import Ledger
+from kvtier.threads import thread_pool
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ class NodeBackend:
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._readers is None:
-                self._readers = ThreadPoolExecutor(self.read_threads, thread_name_prefix=f"kvtier-{self.name}-read")
+                self._readers = thread_pool(self.read_threads, f"kvtier-{self.name}-read")
             return self._readers
 
     def _read(self, key: ChunkKey, path: Path) -> Chunk | None:
@@ -170,7 +171,7 @@ class NodeBackend:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return read_chunk(f, st.st_size, key)
+                return map_chunk(f, st.st_size, key)
         except FileNotFoundError:  # evicted or removed meanwhile: a plain miss
             if not self.read_only and not path.exists():
                 self.ledger.forget(key)  # a row left by a writer killed mid-eviction

@@ -158,6 +158,11 @@ def scheduled_requests(so: SchedulerOutput) -> Iterator[ScheduledRequest]:
         )
 
 
+def scheduled_tokens(so: SchedulerOutput) -> int:
+    """How many tokens the step computes (0: no forward runs, vLLM only polls the connector)."""
+    return int(so.total_num_scheduled_tokens)
+
+
 def invalid_block_ids(output: KVConnectorOutput) -> set[int]:
     """The blocks the worker reported from ``get_block_ids_with_load_errors`` this step."""
     return set(output.invalid_block_ids or ())

@@ -95,7 +95,9 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
-        return self._scheduler.build_meta(list(compat.scheduled_requests(scheduler_output)))
+        return self._scheduler.build_meta(
+            list(compat.scheduled_requests(scheduler_output)), idle=compat.scheduled_tokens(scheduler_output) == 0
+        )
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
@@ -130,7 +132,7 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        stored, loaded = self._worker.take_finished()
+        stored, loaded = self._worker.take_finished(idle=self._step().idle)
         return stored or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -40,7 +40,13 @@ class StoreOp:
 
 @dataclass
 class KvtierMetadata(KVConnectorMetadata):
-    """One step's work for the worker: loads before the forward, stores after it."""
+    """One step's work for the worker: loads before the forward, stores after it.
+
+    ``idle``: the step runs no forward (vLLM schedules no tokens, e.g. every
+    request waits for its load): the worker may then wait briefly for its
+    threads instead of returning at once (see ``WorkerSide.take_finished``).
+    """
 
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
+    idle: bool = False

@@ -100,9 +100,12 @@ class SchedulerSide:
             if blocks & invalid_blocks:
                 self.failed.add(req_id)
 
-    def build_meta(self, scheduled: list[ScheduledRequest]) -> KvtierMetadata:
-        """This step's loads, plus the stores of requests that finished since the last step."""
-        meta = KvtierMetadata(loads=self.pending_loads)
+    def build_meta(self, scheduled: list[ScheduledRequest], *, idle: bool = False) -> KvtierMetadata:
+        """This step's loads, plus the stores of requests that finished since the last step.
+
+        ``idle``: the step schedules no tokens (no forward runs).
+        """
+        meta = KvtierMetadata(loads=self.pending_loads, idle=idle)
         self.pending_loads = []
         for s in scheduled:
             tracked = self.tracked.get(s.req_id)
