@@ -37,12 +37,13 @@ from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
 from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats, RemovalListener
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
 from kvtier.storage.files import (
     TMP_DIR,
     chunk_path,
     map_chunk,
     private_dir,
+    read_header,
     remove_orphaned_tmp,
     scan_chunks,
     tmp_path,
@@ -293,3 +294,12 @@ class NodeBackend:
                 corrupt=self._corrupt,
                 stale=self._stale,
             )
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every committed chunk's parent, namespace and tokens, from the file headers (``Inventoried``)."""
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for key, parent, _ in self.ledger.entries():
+            h = read_header(chunk_path(self.root, key, parent))
+            if h is not None and h.key == key:
+                out[key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out
