@@ -42,9 +42,10 @@ from pathlib import Path
 
 from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
-from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
+from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats
 from kvtier.storage.files import (
     chunk_path,
@@ -81,6 +82,7 @@ class DiskBackend:
         watch: bool = False,
         read_only: bool = False,
         read_threads: int | None = None,
+        policy: ChunkPolicy | None = None,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -105,6 +107,8 @@ class DiskBackend:
         self._rejected = 0
         self._corrupt = 0
         self._stale = 0
+        self._forged = 0
+        self.policy = policy  # signs what is written, and judges every file read before it is decoded
         # files of one get() are read and decoded in parallel: file reads and the codecs' kernels release the GIL
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self._readers: ThreadPoolExecutor | None = None
@@ -263,14 +267,15 @@ class DiskBackend:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return read_chunk(f, st.st_size, key)
+                return read_chunk(f, st.st_size, key, self.policy)
         except FileNotFoundError:
             self._vanished(key, path)
         except (ChunkFormatError, OSError) as exc:
             if inode is None:  # could not even open it: not evidence of damage
                 log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
             else:
-                self._drop(key, path, inode, str(exc), stale=isinstance(exc, ChunkVersionError))
+                stale, forged = isinstance(exc, ChunkVersionError), isinstance(exc, ChunkAuthError)
+                self._drop(key, path, inode, str(exc), stale=stale, forged=forged)
         return None
 
     def _vanished(self, key: ChunkKey, path: Path) -> None:
@@ -281,7 +286,9 @@ class DiskBackend:
                 if self._ledger is not None:
                     self._ledger.forget(key)
 
-    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False) -> None:
+    def _drop(
+        self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False, forged: bool = False
+    ) -> None:
         """``path`` (inode ``inode``) failed verification: count it, and remove it if the name still points there.
 
         ``stale``: it is a chunk in an older format (counted apart from corruption: nothing was damaged).
@@ -296,7 +303,9 @@ class DiskBackend:
             log.log(
                 logging.INFO if stale else logging.WARNING, "%s tier: dropping %s: %s", self.name, path.name, reason
             )
-            if stale:
+            if forged:
+                self._forged += 1
+            elif stale:
                 self._stale += 1
             else:
                 self._corrupt += 1
@@ -313,7 +322,7 @@ class DiskBackend:
 
     def _put_one(self, chunk: Chunk) -> bool:
         try:
-            header, payload = encode_parts(chunk, self.codec)
+            header, payload = encode_parts(chunk, self.codec, policy=self.policy)
         except ValueError as exc:  # the codec refuses these values (CodecError included): like a full tier
             log.warning("disk tier: cannot encode chunk %s with %s: %s", chunk.key.hex()[:16], self.codec, exc)
             with self._lock:
@@ -410,4 +419,5 @@ class DiskBackend:
                 rejected_puts=self._rejected,
                 corrupt=self._corrupt,
                 stale=self._stale,
+                forged=self._forged,
             )

@@ -23,6 +23,7 @@ import torch
 from kvtier.chunk import PREFIX_BYTES, Chunk, ChunkHeader, decode_header, decode_payload, header_length
 from kvtier.errors import ChunkFormatError, StorageError
 from kvtier.keys import ChunkKey
+from kvtier.security import ChunkPolicy
 
 SUFFIX = ".kvc"
 ROOT_PARENT = "root"
@@ -81,19 +82,21 @@ def write_file(tmp: Path, path: Path, parts: Iterable[bytes | memoryview], *, fs
         raise
 
 
-def read_chunk(f, size: int, key: ChunkKey) -> Chunk:
+def read_chunk(f, size: int, key: ChunkKey, policy: ChunkPolicy | None = None) -> Chunk:
     """Read and verify the chunk file open as ``f`` (unbuffered, ``size`` bytes), which must hold ``key``.
 
     The body is read straight into fresh, uninitialised memory that the
-    returned chunk owns (no zero-fill, no second copy). Raises
+    returned chunk owns (no zero-fill, no second copy), and only once the
+    header passed ``policy`` and its lengths match the file's size. Raises
     ChunkFormatError if the file is not a valid chunk for ``key`` (a
-    ChunkVersionError if it is one in another format), OSError if it cannot be read.
+    ChunkVersionError if it is one in another format, a ChunkAuthError if the
+    policy does not accept it), OSError if it cannot be read.
     """
     head = f.read(_HEAD_READ)
     needed = header_length(head[:PREFIX_BYTES])
     if needed > len(head):
         head += f.read(needed - len(head))
-    header = decode_header(head)
+    header = decode_header(head, policy=policy)
     if header.key != key:
         raise ChunkFormatError("file holds another key")
     if size != header.offset + header.payload_len:
@@ -101,7 +104,7 @@ def read_chunk(f, size: int, key: ChunkKey) -> Chunk:
     return decode_payload(header, read_payload(f, head, header))
 
 
-def map_chunk(f, size: int, key: ChunkKey) -> Chunk:
+def map_chunk(f, size: int, key: ChunkKey, policy: ChunkPolicy | None = None) -> Chunk:
     """Like :func:`read_chunk`, but the body is not copied: the chunk's payload maps the file itself.
 
     For files in memory (tmpfs, the node tier): a read-only shared mapping,
@@ -120,7 +123,7 @@ def map_chunk(f, size: int, key: ChunkKey) -> Chunk:
     needed = header_length(bytes(view[:PREFIX_BYTES]))
     if needed > size:
         raise ChunkFormatError(f"file is {size} bytes, its header needs {needed}")
-    header = decode_header(bytes(view[:needed]))
+    header = decode_header(bytes(view[:needed]), policy=policy)
     if header.key != key:
         raise ChunkFormatError("file holds another key")
     if size != header.offset + header.payload_len:
