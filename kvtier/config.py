@@ -187,6 +187,24 @@ class SecurityConfig(_Frozen):
         return self.secret_file is not None or self.secret_env is not None
 
 
+class EventsConfig(_Frozen):
+    """``[events]``: publish each tier's chunk stores and removals as vLLM KV events over ZMQ. Off unless enabled.
+
+    Only a process that writes the tiers publishes (vLLM's worker, not its scheduler). ``endpoint`` is
+    bound (port 0: a free one); with ``connect`` it is connected instead (to a consumer's bound socket).
+    Events carry token ids: bind beyond localhost only on a trusted network.
+    """
+
+    enabled: bool = False
+    endpoint: str = Field(default="tcp://127.0.0.1:5557", pattern=r"^(tcp|ipc|inproc)://.+$")
+    replay_endpoint: str | None = Field(default=None, pattern=r"^(tcp|ipc|inproc)://.+$")
+    topic: str = Field(default="", description="first frame of every message (vLLM's default: empty)")
+    connect: bool = False
+    buffer_steps: int = Field(default=10_000, gt=0, description="batches kept for replay")
+    max_queue: int = Field(default=100_000, gt=0, description="reports waiting for the publisher; beyond: dropped")
+    hwm: int = Field(default=100_000, gt=0, description="ZMQ high-water mark of the PUB socket")
+
+
 class KvtierConfig(_Frozen):
     """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
 
@@ -205,6 +223,7 @@ class KvtierConfig(_Frozen):
     l3: L3Config = L3Config()
     vllm: VllmConfig = VllmConfig()
     security: SecurityConfig = SecurityConfig()
+    events: EventsConfig = EventsConfig()
 
     @property
     def chunk_dir(self) -> Path:

@@ -25,7 +25,7 @@ is built (:class:`~kvtier.storage.builder.TierAccess`), not asked of it later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -84,6 +84,11 @@ def is_synchronous(backend: object) -> bool:
 
 def is_read_only(backend: object) -> bool:
     return isinstance(backend, ReadOnly) and backend.read_only
+
+
+RemovalListener = Callable[[Sequence[ChunkKey]], None]
+"""``on_removed``: a writable backend that removes chunks by itself (evictions, dropped corrupt or vanished
+files) calls it with their keys, if set (the stack sets it to report tier events). It must return at once."""
 
 
 @runtime_checkable

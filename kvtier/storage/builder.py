@@ -143,11 +143,27 @@ def build_backends(
 def build_tiers(
     config: KvtierConfig, access: TierAccess = TierAccess(), *, metrics: KvtierMetrics | None = None
 ) -> TierStack:
-    """A :class:`TierStack` over :func:`build_backends` (not started), holding their chunk policy."""
+    """A :class:`TierStack` over :func:`build_backends` (not started), holding their chunk policy.
+
+    With ``[events]`` enabled and a writing ``access``, the stack publishes its tier events (the
+    publisher binds its endpoint here: zmq.ZMQError if it cannot). A read-only process never publishes.
+    """
     policy = chunk_policy(config)
+    backends = build_backends(config, access, policy=policy)
+    events = None
+    if config.events.enabled and not access.read_only:
+        from kvtier.storage.events import EventPublisher
+
+        e = config.events
+        events = EventPublisher(
+            e.endpoint,
+            topic=e.topic,
+            replay_endpoint=e.replay_endpoint,
+            connect=e.connect,
+            buffer_steps=e.buffer_steps,
+            hwm=e.hwm,
+            max_queue=e.max_queue,
+        )
     return TierStack(
-        build_backends(config, access, policy=policy),
-        write_queue_bytes=int(config.write_queue_bytes),
-        metrics=metrics,
-        policy=policy,
+        backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics, events=events, policy=policy
     )

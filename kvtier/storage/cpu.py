@@ -9,7 +9,7 @@ from kvtier.chunk import CODEC_RAW, Chunk, decode
 from kvtier.codec import Codec
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats, encode_or_none
+from kvtier.storage.base import BackendStats, RemovalListener, encode_or_none
 
 
 class MemoryBackend:
@@ -25,6 +25,7 @@ class MemoryBackend:
 
     in_process = True  # written on the caller's thread (see TierStack)
     read_only = False
+    on_removed: RemovalListener | None = None  # told of evictions (see storage/base.py)
 
     def __init__(self, max_bytes: int, *, codec: Codec | None = None, name: str = "l1") -> None:
         if max_bytes <= 0:
@@ -76,6 +77,8 @@ class MemoryBackend:
             self._lru.remove(victim)
             del self._chunks[victim]
         self._evictions += len(victims)
+        if victims and self.on_removed is not None:
+            self.on_removed(victims)
         self._chunks[chunk.key] = held
         assert self._lru.used_bytes <= self.max_bytes
         return True

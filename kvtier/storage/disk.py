@@ -46,7 +46,7 @@ from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, S
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
-from kvtier.storage.base import BackendStats
+from kvtier.storage.base import BackendStats, RemovalListener
 from kvtier.storage.files import (
     chunk_path,
     drop_page_cache,
@@ -70,6 +70,7 @@ class DiskBackend:
     """A directory of chunk files. Thread-safe; file I/O runs outside the index lock."""
 
     in_process = False  # file I/O: written by TierStack's background writer
+    on_removed: RemovalListener | None = None  # told of evictions and dropped files (see storage/base.py)
 
     def __init__(
         self,
@@ -147,6 +148,8 @@ class DiskBackend:
             for v in victims:
                 if v in self._lru:
                     self._forget(v)
+            if victims and self.on_removed is not None:
+                self.on_removed(victims)
             self._started = True
         log.info("disk tier %s: %d chunks, %d bytes indexed", self.root, len(self._lru), self._lru.used_bytes)
 
@@ -285,6 +288,8 @@ class DiskBackend:
                 self._forget(key)
                 if self._ledger is not None:
                     self._ledger.forget(key)
+                    if self.on_removed is not None:
+                        self.on_removed([key])
 
     def _drop(
         self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False, forged: bool = False
@@ -314,6 +319,8 @@ class DiskBackend:
             if self._ledger is not None:
                 path.unlink(missing_ok=True)
                 self._ledger.forget(key)
+                if self.on_removed is not None:
+                    self.on_removed([key])
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         if self.read_only:
@@ -357,6 +364,8 @@ class DiskBackend:
                     self._rejected += 1
                 return reservation is not None
             self._evictions += len(reservation.victims)
+        if reservation.victims and self.on_removed is not None:
+            self.on_removed([v for v, _ in reservation.victims])
         try:
             write_file(tmp, path, (header, payload), fsync=self.fsync)
             with self._lock:

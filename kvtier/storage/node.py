@@ -38,7 +38,7 @@ from kvtier.codec import Codec
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
-from kvtier.storage.base import BackendStats
+from kvtier.storage.base import BackendStats, RemovalListener
 from kvtier.storage.files import (
     TMP_DIR,
     chunk_path,
@@ -65,6 +65,7 @@ class NodeBackend:
 
     in_process = False
     shared_memory = True  # written on the caller's thread (see TierStack)
+    on_removed: RemovalListener | None = None  # told of evictions and dropped files (see storage/base.py)
 
     def __init__(
         self,
@@ -124,6 +125,8 @@ class NodeBackend:
             raise StorageError(f"node tier {self.root}: cannot open: {exc.strerror or exc}") from exc
         entries, used, _ = self.ledger.totals()
         self._evictions += len(evicted)
+        if evicted and self.on_removed is not None:
+            self.on_removed(evicted)
         log.info("node tier %s: %d chunks, %d bytes, budget %d", self.root, entries, used, self.max_bytes)
 
     def close(self) -> None:
@@ -179,6 +182,8 @@ class NodeBackend:
         except FileNotFoundError:  # evicted or removed meanwhile: a plain miss
             if not self.read_only and not path.exists():
                 self.ledger.forget(key)  # a row left by a writer killed mid-eviction
+                if self.on_removed is not None:
+                    self.on_removed([key])
         except (ChunkFormatError, OSError) as exc:
             if inode is None:
                 log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
@@ -206,6 +211,8 @@ class NodeBackend:
         if not self.read_only:
             path.unlink(missing_ok=True)
             self.ledger.forget(key)
+            if self.on_removed is not None:
+                self.on_removed([key])
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         """Store each chunk: reserve its bytes in the ledger (evicting there), write tmp + rename, commit.
@@ -234,6 +241,8 @@ class NodeBackend:
             return True
         with self._lock:
             self._evictions += len(reservation.victims)
+        if reservation.victims and self.on_removed is not None:
+            self.on_removed([v for v, _ in reservation.victims])
         path = chunk_path(self.root, chunk.key, chunk.parent)
         try:
             write_file(tmp, path, (header, payload))
