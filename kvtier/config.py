@@ -114,6 +114,11 @@ class L2Config(_Frozen):
     max_bytes: PositiveBytes = ByteSize(20 * 10**9)
     fsync: bool = False
     codec: CodecSpec = Field(default="raw", description="codec of chunk files, e.g. int8+zstd")
+    shared_group: str | None = Field(
+        default=None,
+        min_length=1,
+        description="open the chunk folder to this group (2770/0660); default: private to its owner (0700/0600)",
+    )
 
 
 class L3Config(_Frozen):

@@ -27,6 +27,7 @@ from kvtier.security import ChunkPolicy, load_secret
 from kvtier.storage.base import StorageBackend
 from kvtier.storage.cpu import MemoryBackend
 from kvtier.storage.disk import DiskBackend
+from kvtier.storage.files import FolderAccess
 from kvtier.storage.node import NodeBackend
 from kvtier.storage.tiers import TierStack
 
@@ -83,6 +84,13 @@ def chunk_policy(config: KvtierConfig) -> ChunkPolicy:
     return ChunkPolicy(secret, [s for s in old if s is not None])
 
 
+def _folder_access(group: str | None) -> FolderAccess:
+    try:
+        return FolderAccess.for_group(int(group) if group is not None and group.isdigit() else group)
+    except ValueError as exc:
+        raise ConfigError(f"l2.shared_group: {exc}") from None
+
+
 def build_backends(
     config: KvtierConfig, access: TierAccess = TierAccess(), *, policy: ChunkPolicy | None = None
 ) -> list[StorageBackend]:
@@ -119,6 +127,7 @@ def build_backends(
                 watch=access.watch,
                 read_only=access.read_only,
                 policy=policy,
+                access=_folder_access(config.l2.shared_group),
             )
         )
     if config.l3.enabled:

@@ -48,6 +48,8 @@ from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, RemovalListener
 from kvtier.storage.files import (
+    PRIVATE,
+    FolderAccess,
     chunk_path,
     drop_page_cache,
     parse_name,
@@ -84,6 +86,7 @@ class DiskBackend:
         read_only: bool = False,
         read_threads: int | None = None,
         policy: ChunkPolicy | None = None,
+        access: FolderAccess | None = None,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -110,10 +113,12 @@ class DiskBackend:
         self._stale = 0
         self._forged = 0
         self.policy = policy  # signs what is written, and judges every file read before it is decoded
+        self.access = access if access is not None else PRIVATE  # 0700/0600 unless opened to one group
         # files of one get() are read and decoded in parallel: file reads and the codecs' kernels release the GIL
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self._readers: ThreadPoolExecutor | None = None
-        self._ledger = None if read_only else Ledger(self.root)  # the folder's one budget, shared by its writers
+        # the folder's one budget, shared by its writers
+        self._ledger = None if read_only else Ledger(self.root, file_mode=self.access.file_mode)
 
     # -- paths -------------------------------------------------------------------------------------------------
 
@@ -131,8 +136,10 @@ class DiskBackend:
             if self._started:
                 return
             try:
+                # 0700 (or the shared group's 2770) whatever the umask; an existing looser folder is warned about
+                self.access.prepare(self.root, create=not self.read_only)
                 if not self.read_only:
-                    (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+                    self.access.prepare(self.root / ".tmp")
                     remove_orphaned_tmp(self.root / ".tmp")
                 found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
                 for sub in subdirs(self.root, missing_ok=self.read_only):
@@ -367,7 +374,7 @@ class DiskBackend:
         if reservation.victims and self.on_removed is not None:
             self.on_removed([v for v, _ in reservation.victims])
         try:
-            write_file(tmp, path, (header, payload), fsync=self.fsync)
+            write_file(tmp, path, (header, payload), fsync=self.fsync, access=self.access)
             with self._lock:
                 touch_file(path, self._next_mtime())
             if not self._ledger.commit(chunk.key):
