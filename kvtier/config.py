@@ -22,7 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvtier.errors import ConfigError
 
@@ -105,6 +114,11 @@ class L2Config(_Frozen):
     max_bytes: PositiveBytes = ByteSize(20 * 10**9)
     fsync: bool = False
     codec: CodecSpec = Field(default="raw", description="codec of chunk files, e.g. int8+zstd")
+    shared_group: str | None = Field(
+        default=None,
+        min_length=1,
+        description="open the chunk folder to this group (2770/0660); default: private to its owner (0700/0600)",
+    )
 
 
 class L3Config(_Frozen):
@@ -137,6 +151,45 @@ class VllmConfig(_Frozen):
         default=ByteSize(2 * 10**9),
         description="KV of finished requests waiting to be copied out of vLLM's blocks; beyond it stores are dropped",
     )
+
+
+class SecurityConfig(_Frozen):
+    """``[security]``: the secret that signs chunks on shared tiers (node, l2, l3). See docs/security.md.
+
+    The secret comes from a file (``secret_file``, whitespace stripped) or an
+    environment variable (``secret_env``, its name here, never its value), at
+    least 16 bytes. Rotation: set the new secret and list the previous ones in
+    ``old_secret_files``/``old_secret_envs``: chunks they signed stay readable,
+    new chunks are signed with the new one.
+    """
+
+    secret_file: Path | None = Field(default=None, description="file holding the chunk-signing secret")
+    secret_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
+    old_secret_files: tuple[Path, ...] = Field(default=(), description="previous secrets still accepted on read")
+    old_secret_envs: tuple[str, ...] = Field(default=(), description="variables holding previous secrets")
+
+    @field_validator("old_secret_files", "old_secret_envs", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """From a flag or the environment a list comes as one string: ``a,b`` (or a JSON list)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecurityConfig:
+        if self.secret_file is not None and self.secret_env is not None:
+            raise ValueError("give security.secret_file or security.secret_env, not both")
+        if (self.old_secret_files or self.old_secret_envs) and self.secret_file is None and self.secret_env is None:
+            raise ValueError("old secrets are listed but no current secret (security.secret_file or secret_env)")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self.secret_file is not None or self.secret_env is not None
 
 
 class EventsConfig(_Frozen):
@@ -223,6 +276,7 @@ class KvtierConfig(_Frozen):
     l2: L2Config = L2Config()
     l3: L3Config = L3Config()
     vllm: VllmConfig = VllmConfig()
+    security: SecurityConfig = SecurityConfig()
     events: EventsConfig = EventsConfig()
     admin: AdminConfig = AdminConfig()
     router: RouterConfig = RouterConfig()

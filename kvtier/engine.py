@@ -128,6 +128,8 @@ class CacheEngine:
         self.chunk_size = chunk_size
         self.store_partial = store_partial
         self.metrics = tiers.metrics
+        if tiers.policy is not None:  # the shared tiers accept (and, with a secret, sign) this namespace's chunks
+            tiers.policy.register(namespace.digest, namespace.tenant, self.layout, chunk_size)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()

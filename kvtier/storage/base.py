@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 from kvtier.chunk import Chunk, encode
 from kvtier.codec import Codec
 from kvtier.keys import ChunkKey
+from kvtier.security import ChunkPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class BackendStats:
     rejected_puts: int
     corrupt: int
     stale: int = 0  # entries in an older chunk format: a counted miss, removed by a writer
+    forged: int = 0  # entries the chunk policy refused (no valid MAC, or another namespace): a counted miss
 
 
 @runtime_checkable
@@ -153,13 +155,13 @@ class StorageBackend(Protocol):
         ...
 
 
-def encode_or_none(chunk: Chunk, codec: Codec | None, tier: str) -> bytes | None:
+def encode_or_none(chunk: Chunk, codec: Codec | None, tier: str, policy: ChunkPolicy | None = None) -> bytes | None:
     """The stored form of ``chunk``, or None (logged) when ``codec`` cannot encode it (e.g. out-of-range values).
 
     A tier refuses such a chunk like a full one: the caller counts a rejected put.
     """
     try:
-        return encode(chunk, codec)
+        return encode(chunk, codec, policy=policy)
     except ValueError as exc:  # CodecError, or a codec refusing the values (e.g. non-finite)
         log.warning("%s tier: cannot encode chunk %s with %s: %s", tier, chunk.key.hex()[:16], codec, exc)
         return None

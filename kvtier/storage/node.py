@@ -35,8 +35,9 @@ from pathlib import Path
 
 from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
-from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import ChunkKey
+from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
 from kvtier.storage.files import (
     TMP_DIR,
@@ -76,6 +77,7 @@ class NodeBackend:
         name: str = "node",
         read_only: bool = False,
         read_threads: int | None = None,
+        policy: ChunkPolicy | None = None,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -95,6 +97,8 @@ class NodeBackend:
         self._rejected = 0
         self._corrupt = 0
         self._stale = 0
+        self._forged = 0
+        self.policy = policy  # signs what is written, and judges every file read before it is decoded
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -175,7 +179,7 @@ class NodeBackend:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return map_chunk(f, st.st_size, key)
+                return map_chunk(f, st.st_size, key, self.policy)
         except FileNotFoundError:  # evicted or removed meanwhile: a plain miss
             if not self.read_only and not path.exists():
                 self.ledger.forget(key)  # a row left by a writer killed mid-eviction
@@ -185,10 +189,11 @@ class NodeBackend:
             if inode is None:
                 log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
             else:
-                self._drop(key, path, inode, str(exc), stale=isinstance(exc, ChunkVersionError))
+                stale, forged = isinstance(exc, ChunkVersionError), isinstance(exc, ChunkAuthError)
+                self._drop(key, path, inode, str(exc), stale=stale, forged=forged)
         return None
 
-    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool) -> None:
+    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool, forged: bool = False) -> None:
         """``path`` failed verification: count it; a writer removes it if the name still points at that file."""
         try:
             same = os.stat(path).st_ino == inode
@@ -198,7 +203,9 @@ class NodeBackend:
             return
         log.log(logging.INFO if stale else logging.WARNING, "%s tier: dropping %s: %s", self.name, path.name, reason)
         with self._lock:
-            if stale:
+            if forged:
+                self._forged += 1
+            elif stale:
                 self._stale += 1
             else:
                 self._corrupt += 1
@@ -219,7 +226,7 @@ class NodeBackend:
 
     def _put_one(self, chunk: Chunk) -> bool:
         try:
-            header, payload = encode_parts(chunk, self.codec)
+            header, payload = encode_parts(chunk, self.codec, policy=self.policy)
         except ValueError as exc:  # the codec refuses these values: like a full tier
             log.warning("%s tier: cannot encode chunk %s with %s: %s", self.name, chunk.key.hex()[:16], self.codec, exc)
             return self._count_rejected()
@@ -293,6 +300,7 @@ class NodeBackend:
                 rejected_puts=self._rejected,
                 corrupt=self._corrupt,
                 stale=self._stale,
+                forged=self._forged,
             )
 
     def inventory(self) -> dict[ChunkKey, ChunkInfo]:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvtier.chunk import PREFIX_BYTES, Chunk, decode_header, decode_payload, header_length
 from kvtier.codec import Codec, get_codec
-from kvtier.errors import ChunkFormatError, ChunkVersionError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
+from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, ChunkInfo, encode_or_none
 from kvtier.storage.breaker import CircuitBreaker
 from kvtier.storage.urls import parse_redis_url, redact
@@ -62,6 +63,7 @@ class RedisBackend:
         codec: Codec | None = None,
         name: str = "l3",
         read_only: bool = False,
+        policy: ChunkPolicy | None = None,
     ) -> None:
         _require_redis_py()
         self.target = parse_redis_url(config.url)
@@ -70,6 +72,7 @@ class RedisBackend:
         self.codec = codec if codec is not None else get_codec(config.codec)
         self.name = name
         self.read_only = read_only
+        self.policy = policy  # signs what is written, and judges every value read before it is decoded
         self._base = f"{config.key_prefix}:{tenant or '_'}:".encode()
         self._what = f"redis tier {redact(config.url)}"
         self._breaker = CircuitBreaker(self._what, config.retry_interval_s, logger=log)
@@ -80,7 +83,7 @@ class RedisBackend:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._client: Any = None
         self._started = False
-        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0)
+        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0, forged=0)
 
     @property
     def cluster(self) -> bool:
@@ -222,10 +225,14 @@ class RedisBackend:
     def _decode(self, key: ChunkKey, value: bytes) -> Chunk | None:
         try:
             view = memoryview(value)
-            header = decode_header(view)
+            header = decode_header(view, policy=self.policy)
             if header.key != key:
                 raise ChunkFormatError(f"value holds chunk {header.key.hex()[:16]}")
             return decode_payload(header, view[header.offset :])  # checks length and checksum; raw: no copy
+        except ChunkAuthError as exc:  # forged, unsigned or another tenant's: a miss, never decoded
+            log.warning("%s: refusing chunk %s: %s", self._what, key.hex()[:16], exc)
+            self._count("forged")
+            return None
         except ChunkVersionError as exc:  # written by an older kvtier: a miss, removed like a damaged one
             log.info("%s: dropping chunk %s: %s", self._what, key.hex()[:16], exc)
             self._count("stale")
@@ -245,7 +252,7 @@ class RedisBackend:
             raise ValueError(f"{self._what} is read-only: put is not allowed")
         from redis.exceptions import OutOfMemoryError
 
-        values = [encode_or_none(c, self.codec, self.name) for c in chunks]
+        values = [encode_or_none(c, self.codec, self.name, self.policy) for c in chunks]
         todo = [i for i, v in enumerate(values) if v is not None]
 
         def build(pipe: Any) -> None:
@@ -300,7 +307,8 @@ class RedisBackend:
     def counters(self) -> dict[str, int]:
         """Since creation: errors (failed Redis calls), skipped (calls answered as misses without the network: the
         breaker was open or no connection freed up), corrupt (values dropped on read), stale (values in an older chunk
-        format, dropped on read), rejected (chunks not stored).
+        format, dropped on read), rejected (chunks not stored), forged (values the chunk policy refused: no valid MAC of
+        their tenant, or another namespace; dropped on read, never decoded).
         """
         with self._lock:
             return dict(self._n)
@@ -318,6 +326,7 @@ class RedisBackend:
             rejected_puts=n["rejected"],
             corrupt=n["corrupt"],
             stale=n["stale"],
+            forged=n["forged"],
         )
 
     def __repr__(self) -> str:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from kvtier.chunk import Chunk
 from kvtier.keys import ChunkKey
 from kvtier.metrics import KvtierMetrics
+from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, StorageBackend, is_in_process, is_read_only, is_synchronous
 from kvtier.storage.events import TierEvents
 from kvtier.threads import spread
@@ -70,6 +71,7 @@ class TierStack:
         *,
         write_queue_bytes: int,
         metrics: KvtierMetrics | None = None,
+        policy: ChunkPolicy | None = None,
         events: TierEvents | None = None,
     ) -> None:
         if not tiers:
@@ -84,6 +86,8 @@ class TierStack:
         if write_queue_bytes <= 0:
             raise ValueError(f"write_queue_bytes must be positive, got {write_queue_bytes}")
         self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
+        # the shared tiers' chunk policy (builder): engines over this stack register their namespace in it
+        self.policy = policy
         self._writable = tuple(not is_read_only(t) for t in tiers)
         self.write_queue_bytes = write_queue_bytes
         self.metrics = metrics if metrics is not None else KvtierMetrics()
