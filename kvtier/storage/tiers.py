@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvtier.chunk import Chunk
+from kvtier.deadline import expired
 from kvtier.keys import ChunkKey
 from kvtier.metrics import KvtierMetrics
 from kvtier.security import ChunkPolicy
@@ -157,7 +158,7 @@ class TierStack:
         where: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for ti, tier in enumerate(self.tiers):
-            if not todo:
+            if not todo or expired():  # past the call's deadline: the prefix located so far is the answer
                 break
             with self.metrics.timed(tier.name, "contains"):
                 present = tier.contains([keys[i] for i in todo])
@@ -184,6 +185,8 @@ class TierStack:
         found: list[Chunk | None] = [None] * len(keys)
         for ti, tier in enumerate(self.tiers):
             idx = [i for i, w in enumerate(where) if w == ti]
+            if idx and expired():  # the call's deadline passed: what the tiers above gave is the prefix
+                break
             if idx:
                 with self.metrics.timed(tier.name, "get"):
                     got = tier.get([keys[i] for i in idx])
