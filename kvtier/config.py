@@ -216,6 +216,55 @@ class EventsConfig(_Frozen):
     hwm: int = Field(default=100_000, gt=0, description="ZMQ high-water mark of the PUB socket")
 
 
+class AdminConfig(_Frozen):
+    """``[admin]``: the admin HTTP API (lookup, pin/unpin, clear, stats, health) on its own port. Off unless enabled.
+
+    Runs in the process that holds the engine (under ``kvtier serve``: vLLM's worker). A bearer
+    token (from ``token_file`` or the variable ``token_env``; never inline) is required whenever
+    ``host`` is not a loopback address: the server refuses to start otherwise.
+    """
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8101, ge=0, le=65535)
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RouterInstance(_Frozen):
+    """One instance behind ``kvtier router``: its OpenAI URL, and where it publishes KV events / its admin API."""
+
+    url: str = Field(pattern=r"^https?://.+$")
+    events: str | None = Field(default=None, pattern=r"^(tcp|ipc)://.+$", description="its [events] endpoint")
+    replay: str | None = Field(default=None, pattern=r"^(tcp|ipc)://.+$", description="its replay endpoint")
+    admin: str | None = Field(default=None, pattern=r"^https?://.+$", description="its admin API (a fallback index)")
+
+
+class RouterConfig(_Frozen):
+    """``[router]``: ``kvtier router``, the KV-aware, load-aware front over several instances.
+
+    An instance's score is ``hit - beta * (load - least load)``: ``hit`` the share of the prompt its
+    own tiers hold (plus ``shared_credit`` times the further share only the shared Redis tier holds),
+    ``load`` its requests in flight plus its queued prefill tokens / ``prefill_norm_tokens``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    instances: list[RouterInstance] = Field(default_factory=list)
+    policy: Literal["kvtier", "round_robin"] = "kvtier"
+    beta: float = Field(default=0.25, ge=0, description="score cost of one more request in flight")
+    shared_credit: float = Field(default=0.5, ge=0, le=1, description="weight of tokens held only in l3")
+    prefill_norm_tokens: int = Field(default=2048, gt=0, description="queued prefill tokens worth one request")
+    local_media: list[str] = Field(default_factory=lambda: ["l1", "node", "l2"])
+    shared_media: list[str] = Field(default_factory=lambda: ["l3"])
+    stale_after_s: float = Field(default=30.0, gt=0, description="an index unrepaired after a gap this long: stale")
+    health_interval_s: float = Field(default=1.0, gt=0)
+    health_timeout_s: float = Field(default=1.0, gt=0)
+    unhealthy_after: int = Field(default=2, gt=0, description="failed health checks in a row that drop an instance")
+    tokenize_timeout_s: float = Field(default=2.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
 class KvtierConfig(_Frozen):
     """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
 
@@ -235,6 +284,8 @@ class KvtierConfig(_Frozen):
     vllm: VllmConfig = VllmConfig()
     security: SecurityConfig = SecurityConfig()
     events: EventsConfig = EventsConfig()
+    admin: AdminConfig = AdminConfig()
+    router: RouterConfig = RouterConfig()
 
     @property
     def chunk_dir(self) -> Path:

@@ -86,6 +86,22 @@ def is_read_only(backend: object) -> bool:
     return isinstance(backend, ReadOnly) and backend.read_only
 
 
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a chunk's header says about it: its parent, namespace digest (tenant) and token ids."""
+
+    parent: ChunkKey | None
+    namespace: bytes
+    tokens: tuple[int, ...]
+
+
+@runtime_checkable
+class Inventoried(Protocol):
+    """A tier that can list what it holds, header by header (no body read): for admin clears by tenant or prefix."""
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]: ...
+
+
 RemovalListener = Callable[[Sequence[ChunkKey]], None]
 """``on_removed``: a writable backend that removes chunks by itself (evictions, dropped corrupt or vanished
 files) calls it with their keys, if set (the stack sets it to report tier events). It must return at once."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from kvtier.chunk import CODEC_RAW, Chunk, decode
+from kvtier.chunk import CODEC_RAW, Chunk, decode, decode_header
 from kvtier.codec import Codec
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats, RemovalListener, encode_or_none
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener, encode_or_none
 
 
 class MemoryBackend:
@@ -112,3 +112,16 @@ class MemoryBackend:
 
     def close(self) -> None:
         self.clear()
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every held chunk's parent, namespace and tokens (the ``Inventoried`` ability)."""
+        with self._lock:
+            held = list(self._chunks.items())
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for key, c in held:
+            if isinstance(c, bytes):
+                h = decode_header(c)
+                out[key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+            else:
+                out[key] = ChunkInfo(c.parent, c.namespace, tuple(int(t) for t in c.tokens))
+        return out

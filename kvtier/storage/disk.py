@@ -46,7 +46,7 @@ from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, S
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
-from kvtier.storage.base import BackendStats, RemovalListener
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
 from kvtier.storage.files import (
     PRIVATE,
     FolderAccess,
@@ -54,6 +54,7 @@ from kvtier.storage.files import (
     drop_page_cache,
     parse_name,
     read_chunk,
+    read_header,
     remove_orphaned_tmp,
     subdirs,
     tmp_path,
@@ -437,3 +438,13 @@ class DiskBackend:
                 stale=self._stale,
                 forged=self._forged,
             )
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every indexed chunk's parent, namespace and tokens, from the file headers (the ``Inventoried`` ability)."""
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for path in self.files():
+            parsed = parse_name(path.name)
+            h = read_header(path) if parsed is not None else None
+            if h is not None and h.key == parsed[0]:
+                out[h.key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out

@@ -416,35 +416,39 @@ class EventIndex:
     def match(self, tokens: Sequence[int], media: Iterable[str] | None = None) -> dict[str, int]:
         """For a token sequence: per medium, how many leading tokens its chunks cover (a prefix walk).
 
-        A chunk counts for a medium only while every chunk before it is held there too; at each
-        step the longest stored chunk whose token ids match is taken.
+        A chunk counts for a medium only while every chunk before it is held there too.
         """
         toks = tuple(int(t) for t in tokens)
         with self._lock:
             names = list(media) if media is not None else list(self.held)
-            out: dict[str, int] = {}
-            for medium in names:
-                held = self.held.get(medium, set())
-                pos, parents = 0, [None]
-                while True:
-                    step: list[bytes] = []
-                    for parent in parents:
-                        kids = self.children.get(parent, {})
-                        for n in sorted(self.lengths.get(parent, ()), reverse=True):
-                            if pos + n > len(toks):
-                                continue
-                            found = [h for h in kids.get(toks[pos : pos + n], ()) if h in held]
-                            if found:
-                                step, size = found, n
-                                break
-                        if step:
-                            break
-                    if not step:
+            return {m: self._walk(toks, [self.held.get(m, set())]) for m in names}
+
+    def match_any(self, tokens: Sequence[int], media: Iterable[str]) -> int:
+        """Leading tokens covered by chunks each held in at least one of ``media`` (a prefix split across tiers)."""
+        toks = tuple(int(t) for t in tokens)
+        with self._lock:
+            return self._walk(toks, [self.held.get(m, set()) for m in media])
+
+    def _walk(self, toks: tuple[int, ...], helds: list[set[bytes]]) -> int:
+        """At each step the longest stored child whose token ids match and that one of ``helds`` holds."""
+        pos, parents, size = 0, [None], 0
+        while True:
+            step: list[bytes] = []
+            for parent in parents:
+                kids = self.children.get(parent, {})
+                for n in sorted(self.lengths.get(parent, ()), reverse=True):
+                    if pos + n > len(toks):
+                        continue
+                    found = [h for h in kids.get(toks[pos : pos + n], ()) if any(h in held for held in helds)]
+                    if found:
+                        step, size = found, n
                         break
-                    pos += size
-                    parents = step
-                out[medium] = pos
-            return out
+                if step:
+                    break
+            if not step:
+                return pos
+            pos += size
+            parents = step  # type: ignore[assignment]
 
 
 class EventSubscriber:

@@ -192,6 +192,18 @@ def write_file(
         raise
 
 
+def read_header(path: Path) -> ChunkHeader | None:
+    """The header (and token ids) of the chunk file at ``path``, body unread; None if it is gone or not a chunk."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(PREFIX_BYTES)
+            needed = header_length(head)
+            head += f.read(needed - len(head))
+        return decode_header(head)
+    except (OSError, ChunkFormatError):
+        return None
+
+
 def read_chunk(f, size: int, key: ChunkKey, policy: ChunkPolicy | None = None) -> Chunk:
     """Read and verify the chunk file open as ``f`` (unbuffered, ``size`` bytes), which must hold ``key``.
 

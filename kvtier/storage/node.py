@@ -38,12 +38,13 @@ from kvtier.codec import Codec
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
-from kvtier.storage.base import BackendStats, RemovalListener
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
 from kvtier.storage.files import (
     TMP_DIR,
     chunk_path,
     map_chunk,
     private_dir,
+    read_header,
     remove_orphaned_tmp,
     scan_chunks,
     tmp_path,
@@ -301,3 +302,12 @@ class NodeBackend:
                 stale=self._stale,
                 forged=self._forged,
             )
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every committed chunk's parent, namespace and tokens, from the file headers (``Inventoried``)."""
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for key, parent, _ in self.ledger.entries():
+            h = read_header(chunk_path(self.root, key, parent))
+            if h is not None and h.key == key:
+                out[key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out

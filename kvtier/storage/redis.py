@@ -34,13 +34,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvtier.chunk import Chunk, decode_header, decode_payload
+from kvtier.chunk import PREFIX_BYTES, Chunk, decode_header, decode_payload, header_length
 from kvtier.codec import Codec, get_codec
 from kvtier.deadline import remaining
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
 from kvtier.security import ChunkPolicy
-from kvtier.storage.base import BackendStats, encode_or_none
+from kvtier.storage.base import BackendStats, ChunkInfo, encode_or_none
 from kvtier.storage.breaker import CircuitBreaker
 from kvtier.storage.urls import parse_redis_url, redact
 
@@ -366,6 +366,45 @@ class RedisBackend:
 
     def __repr__(self) -> str:
         return f"RedisBackend({redact(self.config.url)!r}, keys={self._base.decode()!r}*)"
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """This prefix's and tenant's chunks, from their headers (two GETRANGEs per key; ``Inventoried``).
+
+        Empty when Redis cannot be reached (counted like any failed call).
+        """
+        pattern = _glob_escape(self._base) + b"?" * (2 * DIGEST_SIZE)
+        return self._call("inventory", lambda c: self._inventory(c, pattern)) or {}
+
+    def _inventory(self, client: Any, pattern: bytes) -> dict[ChunkKey, ChunkInfo]:
+        nodes = [client.get_redis_connection(n) for n in client.get_primaries()] if self.cluster else [client]
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for node in nodes:
+            keys = list(node.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), _SCAN_BATCH):
+                batch = keys[start : start + _SCAN_BATCH]
+                pipe = node.pipeline(transaction=False)
+                for k in batch:
+                    pipe.getrange(k, 0, PREFIX_BYTES - 1)
+                lengths = []
+                for prefix in pipe.execute():
+                    try:
+                        lengths.append(header_length(prefix))
+                    except ChunkFormatError:
+                        lengths.append(0)
+                pipe = node.pipeline(transaction=False)
+                for k, n in zip(batch, lengths, strict=True):
+                    pipe.getrange(k, 0, max(n, 1) - 1)
+                for k, n, head in zip(batch, lengths, pipe.execute(), strict=True):
+                    if not n:
+                        continue
+                    try:
+                        h = decode_header(head)
+                    except ChunkFormatError:
+                        continue
+                    if k[-2 * DIGEST_SIZE :] != h.key.hex().encode():
+                        continue  # a value under another chunk's name: not this key's
+                    out[h.key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out
 
 
 class _Watch:
