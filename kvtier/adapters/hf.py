@@ -209,10 +209,5 @@ class CachedModel:
         result = self.engine.store(sequence[: min(n_prompt, cached)], source)
         if self.store_generated and cached > n_prompt:
             more = self.engine.store(sequence[:cached], source)
-            result = StoreResult(
-                result.stored_chunks + more.stored_chunks,
-                more.skipped_chunks,
-                result.stored_tokens + more.stored_tokens,
-                result.rejected_chunks + more.rejected_chunks,
-            )
+            result = result.combine(more)
         return result
