@@ -58,7 +58,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.adapters.vllm import compat
 from kvtier.adapters.vllm.metadata import KvtierMetadata
 from kvtier.adapters.vllm.scheduler import SchedulerSide
-from kvtier.adapters.vllm.settings import ConnectorSettings
+from kvtier.adapters.vllm.settings import ConnectorSettings, check_kv_cache_groups
 from kvtier.adapters.vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class KvtierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = ConnectorSettings.from_vllm(vllm_config)
+        check_kv_cache_groups(compat.cache_groups(kv_cache_config), settings.namespace.layout.num_layers)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
