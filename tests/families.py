@@ -9,6 +9,7 @@ Sliding windows are 32 tokens, so a 150-token prompt is well past them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,20 @@ def build(family: str, dtype: torch.dtype = torch.float32, cfg=None):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg if cfg is not None else config(family))
     return model.to(dtype).eval()
+
+
+def save_folder(family: str, folder: Path, cfg=None) -> Path:
+    """A tiny ``family`` model, its config and a 256-word tokenizer, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    build(family, cfg=cfg).save_pretrained(folder)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return folder
 
 
 def prompt(n: int, seed: int = 1) -> torch.Tensor:

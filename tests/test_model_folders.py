@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from families import build, config, prompt, unsupported_configs
+from families import config, prompt, save_folder, unsupported_configs
 
 from kvtier.adapters.hf import CachedModel
 from kvtier.adapters.vllm.compat import CacheGroup
@@ -20,20 +20,6 @@ from kvtier.adapters.vllm.settings import check_kv_cache_groups, model_refusal
 from kvtier.cli import main
 from kvtier.config import load_config
 from kvtier.errors import ConfigError, UnsupportedModelError
-
-
-def save_folder(family: str, folder: Path) -> Path:
-    """A tiny ``family`` model, its config and a 256-word tokenizer, saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    build(family).save_pretrained(folder)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 256)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral", "gemma2", "gpt_neox"])
