@@ -37,3 +37,12 @@ class ChunkVersionError(ChunkFormatError):
     a newer one. A cache holds nothing that cannot be recomputed, so such a
     chunk is a miss, counted apart from corruption: no reader for old formats.
     """
+
+
+class ChunkAuthError(ChunkFormatError):
+    """A chunk read from a shared tier is not authenticated for this process (issue 15).
+
+    It carries no valid MAC of its tenant's key (forged, written without the
+    secret, or by another tenant), or it claims a namespace no engine of this
+    process uses. A counted miss (``forged``), never decoded.
+    """

@@ -115,10 +115,15 @@ def test_stored_sliding_kv_is_the_prefix_own_kv(family: str, tmp_path: Path) -> 
         truth = model(ids, past_key_values=DynamicCache(), use_cache=True).past_key_values  # keeps every token
     with CachedModel(model, None, _engine(model, tmp_path)) as cached:
         cached.generate(ids, max_new_tokens=2, do_sample=False)
-        hit = cached.engine.retrieve(ids[0])
-    assert hit.num_tokens == N_PROMPT
-    for layer, kv in enumerate(hit.layers):
-        assert torch.equal(kv[0], truth.layers[layer].keys[0]) and torch.equal(kv[1], truth.layers[layer].values[0])
+        hits = [cached.engine.retrieve(ids[0])]
+    with _engine(model, tmp_path) as fresh:  # a new process's engine: l1 empty, the chunks read back from disk
+        hits.append(fresh.retrieve(ids[0]))
+    assert hits[1].tier_tokens["l2"] == N_PROMPT
+    for hit in hits:
+        assert hit.num_tokens == N_PROMPT
+        for layer, kv in enumerate(hit.layers):
+            assert torch.equal(kv[0], truth.layers[layer].keys[0])
+            assert torch.equal(kv[1], truth.layers[layer].values[0])
 
 
 @pytest.mark.parametrize("family", ["mistral", "gemma2"])

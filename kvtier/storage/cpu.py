@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from kvtier.chunk import CODEC_RAW, Chunk, decode
+from kvtier.chunk import CODEC_RAW, Chunk, decode, decode_header
 from kvtier.codec import Codec
 from kvtier.eviction import PrefixLRU
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats, encode_or_none
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener, encode_or_none
 
 
 class MemoryBackend:
@@ -25,6 +25,7 @@ class MemoryBackend:
 
     in_process = True  # written on the caller's thread (see TierStack)
     read_only = False
+    on_removed: RemovalListener | None = None  # told of evictions (see storage/base.py)
 
     def __init__(self, max_bytes: int, *, codec: Codec | None = None, name: str = "l1") -> None:
         if max_bytes <= 0:
@@ -76,6 +77,8 @@ class MemoryBackend:
             self._lru.remove(victim)
             del self._chunks[victim]
         self._evictions += len(victims)
+        if victims and self.on_removed is not None:
+            self.on_removed(victims)
         self._chunks[chunk.key] = held
         assert self._lru.used_bytes <= self.max_bytes
         return True
@@ -109,3 +112,16 @@ class MemoryBackend:
 
     def close(self) -> None:
         self.clear()
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every held chunk's parent, namespace and tokens (the ``Inventoried`` ability)."""
+        with self._lock:
+            held = list(self._chunks.items())
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for key, c in held:
+            if isinstance(c, bytes):
+                h = decode_header(c)
+                out[key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+            else:
+                out[key] = ChunkInfo(c.parent, c.namespace, tuple(int(t) for t in c.tokens))
+        return out

@@ -19,10 +19,16 @@ Tiers are ordered fastest first. The stack decides, for every backend:
   write will": ``CacheEngine.store`` encodes only those.
 
 ``locate`` answers from the tiers' in-memory indexes, top tier first.
+
+**events.** With a :class:`~kvtier.storage.events.TierEvents` observer the
+stack reports every chunk a tier took, deleted or cleared, and hands each
+writable backend that evicts by itself (the ``on_removed`` attribute) a
+callback for its evictions: one observer for every tier.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -31,9 +37,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvtier.chunk import Chunk
+from kvtier.deadline import expired
 from kvtier.keys import ChunkKey
 from kvtier.metrics import KvtierMetrics
+from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, StorageBackend, is_in_process, is_read_only, is_synchronous
+from kvtier.storage.events import TierEvents
 from kvtier.threads import spread
 
 log = logging.getLogger(__name__)
@@ -58,7 +67,13 @@ class TierStack:
     """
 
     def __init__(
-        self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int, metrics: KvtierMetrics | None = None
+        self,
+        tiers: Sequence[StorageBackend],
+        *,
+        write_queue_bytes: int,
+        metrics: KvtierMetrics | None = None,
+        policy: ChunkPolicy | None = None,
+        events: TierEvents | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
@@ -72,6 +87,8 @@ class TierStack:
         if write_queue_bytes <= 0:
             raise ValueError(f"write_queue_bytes must be positive, got {write_queue_bytes}")
         self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
+        # the shared tiers' chunk policy (builder): engines over this stack register their namespace in it
+        self.policy = policy
         self._writable = tuple(not is_read_only(t) for t in tiers)
         self.write_queue_bytes = write_queue_bytes
         self.metrics = metrics if metrics is not None else KvtierMetrics()
@@ -85,6 +102,11 @@ class TierStack:
         self._dropped_writes = 0
         self._write_errors = 0
         self._writer: threading.Thread | None = None
+        self.events = events if events is not None else TierEvents()
+        if events is not None:
+            for tier, writable in zip(self.tiers, self._writable, strict=True):
+                if writable and hasattr(tier, "on_removed"):
+                    tier.on_removed = functools.partial(events.removed, tier.name)  # type: ignore[attr-defined]
 
     @property
     def names(self) -> list[str]:
@@ -116,6 +138,7 @@ class TierStack:
             self._writer = None
         for t in self.tiers:
             t.close()
+        self.events.close()
 
     def __enter__(self) -> TierStack:
         self.start()
@@ -135,7 +158,7 @@ class TierStack:
         where: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for ti, tier in enumerate(self.tiers):
-            if not todo:
+            if not todo or expired():  # past the call's deadline: the prefix located so far is the answer
                 break
             with self.metrics.timed(tier.name, "contains"):
                 present = tier.contains([keys[i] for i in todo])
@@ -162,6 +185,8 @@ class TierStack:
         found: list[Chunk | None] = [None] * len(keys)
         for ti, tier in enumerate(self.tiers):
             idx = [i for i, w in enumerate(where) if w == ti]
+            if idx and expired():  # the call's deadline passed: what the tiers above gave is the prefix
+                break
             if idx:
                 with self.metrics.timed(tier.name, "get"):
                     got = tier.get([keys[i] for i in idx])
@@ -175,7 +200,43 @@ class TierStack:
     def discard(self, key: ChunkKey) -> None:
         """Remove a key from every tier (used when a chunk proves to be wrong); read-only tiers only forget it."""
         for t in self.tiers:
-            t.delete([key])
+            if t.delete([key]):
+                self.events.removed(t.name, [key])
+
+    def remove(self, keys: Sequence[ChunkKey], tiers: Sequence[str] | None = None) -> dict[str, int]:
+        """Delete ``keys`` from the named writable tiers (default: all of them); chunks removed per tier.
+
+        Queued writes are finished first, so a removed chunk is not written again behind the caller's back.
+        """
+        self.flush()
+        out: dict[str, int] = {}
+        for t, writable in zip(self.tiers, self._writable, strict=True):
+            if writable and (tiers is None or t.name in tiers):
+                present = [k for k, ok in zip(keys, t.contains(keys), strict=True) if ok]
+                out[t.name] = t.delete(present) if present else 0
+                self.events.removed(t.name, present)
+        return out
+
+    def clear(self, tiers: Sequence[str] | None = None) -> dict[str, int]:
+        """Remove every chunk of the named writable tiers (default: all); chunks removed per tier.
+
+        A shared tier's ``clear`` is the backend's (the node and disk folders: every chunk of every process;
+        Redis: this prefix and tenant). Clearing every tier publishes ``AllBlocksCleared``, one tier a
+        ``BlockRemoved`` of the keys it listed before clearing (where it can list them).
+        """
+        self.flush()
+        out: dict[str, int] = {}
+        chosen = [(t, w) for t, w in zip(self.tiers, self._writable, strict=True) if tiers is None or t.name in tiers]
+        for t, writable in chosen:
+            if not writable:
+                continue
+            listed = t.keys_lru_order() if tiers is not None and hasattr(t, "keys_lru_order") else []
+            out[t.name] = t.clear()
+            if listed:
+                self.events.removed(t.name, listed)
+        if tiers is None:
+            self.events.all_cleared()
+        return out
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -194,6 +255,7 @@ class TierStack:
                     refused.add(chunk.key)
                     continue
                 if tier.put([chunk])[0]:
+                    self.events.stored(tier.name, [chunk])  # now: an eviction by the next put is reported after it
                     accepted += 1
                     written += chunk.payload.nbytes
                 else:

@@ -71,6 +71,8 @@ class ConnectorSettings:
     namespace: Namespace
     block_size: int
     metrics_port: int | None
+    model_path: str = ""
+    served_names: tuple[str, ...] = ()
 
     @classmethod
     def from_vllm(cls, vllm_config: VllmConfig) -> ConnectorSettings:
@@ -109,4 +111,11 @@ class ConnectorSettings:
         fingerprint = folder_fingerprint(engine.model_path, config.cache_dir)
         namespace = Namespace(fingerprint, layout, config.tenant, config.hash)
         port = extra.get("metrics_port")
-        return cls(config, namespace, block_size, int(port) if port is not None else None)
+        return cls(
+            config,
+            namespace,
+            block_size,
+            int(port) if port is not None else None,
+            model_path=engine.model_path,
+            served_names=engine.served_names,
+        )
