@@ -224,7 +224,7 @@ def _shared_prefix_prompts() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return [a, b], [torch.cat([head, tail]) for head, tail in zip((a, a, b, c), tails, strict=True)]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_batch_equals_one_by_one(family: str, tmp_path: Path) -> None:
     """4 prompts with different shared prefixes: the batch gives each row what generating it alone gives.
 

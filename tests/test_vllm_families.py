@@ -51,3 +51,4 @@ def test_tiny_qwen2_hit_through_vllm_equals_vllm_alone(tmp_path: Path) -> None:
     assert runs[0]["num_cached_tokens"] == 0
     assert runs[2]["num_cached_tokens"] == 512  # two 256-token chunks, from kvtier (vLLM's prefix cache is off)
     assert "loaded 512 tokens [0, 512) from kvtier" in log
+    assert "KV-cache groups FullAttentionSpec x2" in log  # vLLM's groups were checked (one full-attention group)

@@ -42,6 +42,15 @@ def model_refusal(hf_config: object) -> str | None:
     return None
 
 
+def describe_groups(groups: list[CacheGroup] | None) -> str:
+    """One line naming vLLM's KV-cache groups, e.g. ``FullAttentionSpec x30``; ``none passed`` for None."""
+    if groups is None:
+        return "none passed"
+    return ", ".join(
+        f"{g.kind} x{g.num_layers}" + (f" (window {g.sliding_window})" if g.sliding_window else "") for g in groups
+    )
+
+
 def check_kv_cache_groups(groups: list[CacheGroup] | None, num_layers: int) -> None:
     """Accept exactly one full-attention KV-cache group holding every layer; raise ConfigError naming the groups else.
 
@@ -53,13 +62,10 @@ def check_kv_cache_groups(groups: list[CacheGroup] | None, num_layers: int) -> N
         return
     if len(groups) == 1 and groups[0].kind == "FullAttentionSpec" and groups[0].num_layers == num_layers:
         return
-    desc = ", ".join(
-        f"{g.kind} x{g.num_layers}" + (f" (window {g.sliding_window})" if g.sliding_window else "") for g in groups
-    )
     raise ConfigError(
         f"the kvtier connector supports one full-attention KV-cache group holding all {num_layers} layers; "
-        f"vLLM made {len(groups)} group(s): {desc}. Hybrid, sliding-window, Mamba and MLA caches are not supported "
-        "by the vLLM connector yet"
+        f"vLLM made {len(groups)} group(s): {describe_groups(groups)}. Hybrid, sliding-window, Mamba and MLA "
+        "caches are not supported by the vLLM connector yet"
     )
 
 
