@@ -181,7 +181,8 @@ class CacheEngine:
         self.store_partial = store_partial
         self.metrics = tiers.metrics
         if tiers.policy is not None:  # the shared tiers accept (and, with a secret, sign) this namespace's chunks
-            tiers.policy.register(namespace.digest, namespace.tenant, self.layout, chunk_size)
+            # the layout a chunk header records (the attention windows are in the digest)
+            tiers.policy.register(namespace.digest, namespace.tenant, self.layout.payload, chunk_size)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()
