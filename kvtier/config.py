@@ -136,6 +136,12 @@ class L3Config(_Frozen):
     timeout_s: float = Field(default=0.5, gt=0, description="bound on every Redis call")
     max_connections: int = Field(default=16, gt=0)
     retry_interval_s: float = Field(default=2.0, ge=0, description="after a failure, skip Redis this long")
+    lookup_deadline_s: float | None = Field(
+        default=0.5, gt=0, description="with l3 on: bound on one engine lookup (the prefix found so far counts)"
+    )
+    retrieve_deadline_s: float | None = Field(
+        default=2.0, gt=0, description="with l3 on: bound on one engine retrieve (the prefix read so far is returned)"
+    )
     codec: CodecSpec = Field(default="raw", description="codec of chunk values, e.g. int8+zstd")
 
 

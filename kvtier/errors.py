@@ -18,6 +18,10 @@ class ModelError(KvtierError):
     """A model could not be found, converted or loaded."""
 
 
+class UnsupportedModelError(ModelError, ValueError):
+    """A model of a family or attention kind kvtier cannot cache exactly; the message names the reason."""
+
+
 class ChunkFormatError(KvtierError):
     """Bytes that claim to be a chunk are not a valid chunk (bad magic, header, length or checksum)."""
 

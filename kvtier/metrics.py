@@ -90,6 +90,12 @@ class KvtierMetrics:
             registry=r,
         )
         self.dropped_writes = Counter("kvtier_dropped_writes", "Chunk writes dropped by a full queue", registry=r)
+        self.deadline_exceeded = Counter(
+            "kvtier_deadline_exceeded",
+            "Engine calls (lookup, retrieve) that reached their deadline and returned the prefix found so far",
+            ["op"],
+            registry=r,
+        )
         self.queued_bytes = Gauge("kvtier_write_queue_bytes", "Bytes waiting in write-behind queues", registry=r)
         self.queued_chunks = Gauge("kvtier_write_queue_chunks", "Chunks waiting in write-behind queues", registry=r)
         self.engine_latency = Histogram(

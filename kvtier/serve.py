@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.config import KvtierConfig
-from kvtier.errors import ConfigError, KvtierError
+from kvtier.errors import ConfigError, KvtierError, ModelError
 
 DEFAULT_KV_CACHE_GIB = 4
 NODE_MEMORY_SHARE = 0.25  # default node budget: this share of the available memory...
@@ -218,6 +218,12 @@ def prepare(
 
     model_dir = resolve_model(config.model, config.cache_dir)
     if options.kvtier:
+        from kvtier.adapters.vllm.settings import model_refusal
+        from kvtier.models import folder_config
+
+        refusal = model_refusal(folder_config(model_dir))
+        if refusal is not None:
+            raise ModelError(f"kvtier serve cannot cache {model_dir}: {refusal}")
         block = _block_size(options.vllm_args)
         if config.chunk_size % block:
             raise ConfigError(

@@ -14,18 +14,29 @@ None, ``put`` False), counted in ``errors``, and opens the circuit breaker (:mod
 ``retry_interval_s`` calls are misses without network I/O (``skipped``), then one call probes. A dead or
 black-holed Redis costs at most one ``timeout_s`` per interval. redis-py's retries are off; its pool reconnects
 by itself. A ``put`` refused by a full Redis (``OOM`` under ``noeviction``) is a rejected put, not a failure.
+
+Deadlines (:mod:`kvtier.deadline`): inside an engine call's deadline every Redis call is bounded by the time
+left. A standalone call still reading at the deadline is cut off (a watchdog shuts its connection's socket; the
+pool reconnects later), so a server that answers slowly but within ``timeout_s`` per reply cannot stretch one
+``retrieve`` past its deadline; the call is a miss counted in ``deadline``. Slowness opens the breaker like an
+error: a call cut off by its deadline, or one that succeeded but took longer than ``timeout_s``. (Cluster
+pipelines are bounded between calls only.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvtier.chunk import PREFIX_BYTES, Chunk, decode_header, decode_payload, header_length
 from kvtier.codec import Codec, get_codec
+from kvtier.deadline import remaining
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
 from kvtier.security import ChunkPolicy
@@ -83,7 +94,7 @@ class RedisBackend:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._client: Any = None
         self._started = False
-        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0, forged=0)
+        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0, forged=0, deadline=0)
 
     @property
     def cluster(self) -> bool:
@@ -152,29 +163,52 @@ class RedisBackend:
                 self._n[counter] += n
 
     def _call(self, op: str, fn: Callable[[Any], T]) -> T | None:
-        """``fn(client)``, or None if not started, the breaker is open, no connection slot frees up, or Redis fails."""
+        """``fn(client)``, or None if not started, the breaker is open, no connection slot frees up, Redis fails,
+        or the current deadline (:mod:`kvtier.deadline`) has passed or passes during the call.
+        """
         import redis
         from redis.exceptions import RedisClusterException
 
         with self._lock:
             if not self._started:
                 return None
-        if not self._breaker.allow() or not self._slots.acquire(timeout=self.config.timeout_s):
+        left = remaining()
+        if left is not None and left <= 0:
+            self._count("deadline")
+            return None
+        wait = self.config.timeout_s if left is None else min(self.config.timeout_s, left)
+        if not self._breaker.allow() or not self._slots.acquire(timeout=wait):
             self._count("skipped")
             return None
+        watch = _Watch(remaining())
+        t0 = time.monotonic()
         try:
-            result = fn(self._get_client())
+            result = fn(_Bounded(self._get_client(), watch))
         except (redis.RedisError, RedisClusterException, OSError) as exc:
-            self._count("errors")
-            self._breaker.failure(op, exc)
+            if watch.fired:
+                self._count("deadline")
+                self._breaker.failure(op, TimeoutError(f"cut off at the call's deadline after {watch.after:.3f}s"))
+            else:
+                self._count("errors")
+                self._breaker.failure(op, exc)
             return None
         finally:
+            watch.done()
             self._slots.release()
-        self._breaker.success()
+        elapsed = time.monotonic() - t0
+        if elapsed > self.config.timeout_s:  # answered, but too slowly: the breaker opens on slowness too
+            self._breaker.failure(op, TimeoutError(f"answered in {elapsed:.3f}s (timeout_s {self.config.timeout_s})"))
+        else:
+            self._breaker.success()
         return result
 
     def _pipeline(self, client: Any, build: Callable[[Any], None], *, raise_on_error: bool = True) -> list[Any]:
+        watch = client.watch if isinstance(client, _Bounded) else None
+        if isinstance(client, _Bounded):
+            client = client.client
         pipe = client.pipeline(transaction=False)  # in cluster mode the pipeline splits commands by node
+        if watch is not None and not self.cluster:
+            pipe.connection_pool = _GuardedPool(pipe.connection_pool, watch)  # so the watchdog can cut it off
         try:
             build(pipe)
             return pipe.execute(raise_on_error=raise_on_error)
@@ -259,7 +293,7 @@ class RedisBackend:
             for i in todo:
                 pipe.set(self.redis_key(chunks[i].key), values[i], ex=self.config.ttl_s)
 
-        def run(client: Any) -> list[Any]:
+        def run(client: Any) -> list[Any]:  # (a put runs on the writer thread: no engine deadline there)
             replies = self._pipeline(client, build, raise_on_error=False)
             failure = next(
                 (r for r in replies if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError)), None
@@ -307,7 +341,8 @@ class RedisBackend:
     def counters(self) -> dict[str, int]:
         """Since creation: errors (failed Redis calls), skipped (calls answered as misses without the network: the
         breaker was open or no connection freed up), corrupt (values dropped on read), stale (values in an older chunk
-        format, dropped on read), rejected (chunks not stored), forged (values the chunk policy refused: no valid MAC of
+        format, dropped on read), rejected (chunks not stored), deadline (calls cut off or skipped at an engine call's
+        deadline), forged (values the chunk policy refused: no valid MAC of
         their tenant, or another namespace; dropped on read, never decoded).
         """
         with self._lock:
@@ -370,6 +405,86 @@ class RedisBackend:
                         continue  # a value under another chunk's name: not this key's
                     out[h.key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
         return out
+
+
+class _Watch:
+    """The watchdog of one Redis call: at the deadline it shuts the socket of the connection the call holds.
+
+    Race-free with the pool: the connection is known only between :class:`_GuardedPool` handing it out and
+    taking it back (both under the lock), so a connection already back in the pool is never touched.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.lock = threading.Lock()
+        self.fired = False
+        self.after = seconds or 0.0
+        self._conn: Any = None
+        self._finished = False
+        self._timer = threading.Timer(max(0.0, seconds), self._fire) if seconds is not None else None
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+
+    def hold(self, conn: Any) -> bool:
+        """Record the connection the call now holds; False if the deadline has already fired."""
+        with self.lock:
+            if self.fired:
+                return False
+            self._conn = conn
+            return True
+
+    def drop(self) -> None:
+        with self.lock:
+            self._conn = None
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self._finished:
+                return
+            self.fired = True
+            sock = getattr(self._conn, "_sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read fails now; redis-py drops the connection
+
+    def done(self) -> None:
+        with self.lock:
+            self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _GuardedPool:
+    """A pipeline's view of the connection pool that tells its :class:`_Watch` which connection it holds."""
+
+    def __init__(self, pool: Any, watch: _Watch) -> None:
+        self._pool, self._watch = pool, watch
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        conn = self._pool.get_connection(*args, **kwargs)
+        if not self._watch.hold(conn):
+            self._pool.release(conn)
+            raise redis.TimeoutError("the call's deadline passed")
+        return conn
+
+    def release(self, conn: Any) -> None:
+        self._watch.drop()
+        self._pool.release(conn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class _Bounded:
+    """A client handed to one call together with its watchdog (``_pipeline`` unwraps it)."""
+
+    def __init__(self, client: Any, watch: _Watch) -> None:
+        self.client, self.watch = client, watch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
 
 
 def _require_redis_py() -> None:
