@@ -91,8 +91,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             args += ["--set", kv]
         log = tmp / f"serve{i}.log"
         insts.append(
-            {"url": f"http://127.0.0.1:{port}", "admin": f"http://127.0.0.1:{admin}", "events": events,
-             "log": log, "proc": _spawn(args, log)}  # fmt: skip
+            {
+                "url": f"http://127.0.0.1:{port}",
+                "admin": f"http://127.0.0.1:{admin}",
+                "events": events,
+                "log": log,
+                "proc": _spawn(args, log),
+            }
         )
     router = None
     try:
