@@ -143,6 +143,29 @@ class L3Config(_Frozen):
         default=2.0, gt=0, description="with l3 on: bound on one engine retrieve (the prefix read so far is returned)"
     )
     codec: CodecSpec = Field(default="raw", description="codec of chunk values, e.g. int8+zstd")
+    # access control (docs/security.md): an ACL user, its password from a file or the environment, TLS files
+    username: str | None = Field(default=None, min_length=1, description="ACL user (default: the URL's, or none)")
+    password_file: Path | None = Field(default=None, description="file holding the Redis password")
+    password_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
+    tls_ca_file: Path | None = Field(default=None, description="rediss://: CA bundle that signed the server's cert")
+    tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS)")
+    tls_key_file: Path | None = Field(default=None, description="rediss://: the client certificate's key")
+
+    @model_validator(mode="after")
+    def _access(self) -> L3Config:
+        from kvtier.storage.urls import parse_redis_url
+
+        target = parse_redis_url(self.url)
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give l3.password_file or l3.password_env, not both")
+        if (self.password_file is not None or self.password_env is not None) and target.password is not None:
+            raise ValueError("the Redis password is both in l3.url and in l3.password_file/password_env")
+        tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(f is not None for f in tls_files) and not target.tls:
+            raise ValueError("l3.tls_* files need a rediss:// URL (TLS)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("l3.tls_cert_file and l3.tls_key_file go together")
+        return self
 
 
 class VllmConfig(_Frozen):

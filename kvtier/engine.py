@@ -33,6 +33,7 @@ from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, parti
 from kvtier.layout import KVSink, KVSource, TensorKV, assemble_layers
 from kvtier.metrics import KvtierMetrics
 from kvtier.storage import TierAccess, TierStack, build_tiers
+from kvtier.storage.tiers import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,54 @@ class RetrieveResult:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What a ``store`` call did: chunks written (or queued), already present, refused.
+    """What a ``store`` call did: chunks written (or queued), already present, refused, per tier.
 
-    ``rejected_chunks`` counts chunks the synchronous tier refused (full) or
-    a full write-behind queue dropped; a background write that fails later is
-    counted by the tier (its ``rejected_puts``/errors), not here.
+    ``rejected_chunks`` counts chunks the first writable tier refused (full),
+    or, when that tier is written in the background, that a full write-behind
+    queue dropped. Every tier's refusals: ``rejected_by_tier`` holds the
+    synchronous tiers' (``l1``, ``node``: known when ``store`` returns; tiers
+    that took everything are left out), ``dropped_chunks`` what a full queue
+    dropped for the background tiers (``l2``, ``l3``), and ``pending`` the
+    queued writes, whose outcome is known once they ran:
+    :meth:`background_rejected` (or ``None`` while :attr:`is_pending`).
     """
 
     stored_chunks: int
     skipped_chunks: int
     stored_tokens: int
     rejected_chunks: int
+    rejected_by_tier: Mapping[str, int] = field(default_factory=dict)
+    dropped_chunks: int = 0
+    pending: tuple[WriteBehind, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def is_pending(self) -> bool:
+        """Whether some background write of this store has not run yet."""
+        return any(not p.done for p in self.pending)
+
+    def background_rejected(self, timeout: float | None = 0.0) -> dict[str, int] | None:
+        """Chunks each background tier did not store (tiers with none left out), waiting up to ``timeout``
+        seconds (None: as long as it takes); None if some write is still pending then."""
+        out: Counter[str] = Counter()
+        for p in self.pending:
+            if not p.wait(timeout):
+                return None
+            out.update(p.rejected)
+        return dict(out)
+
+    def combine(self, later: StoreResult) -> StoreResult:
+        """This store followed by ``later`` (of a longer sequence): counts added, ``later``'s skips kept."""
+        by_tier = Counter(self.rejected_by_tier)
+        by_tier.update(later.rejected_by_tier)
+        return StoreResult(
+            self.stored_chunks + later.stored_chunks,
+            later.skipped_chunks,
+            self.stored_tokens + later.stored_tokens,
+            self.rejected_chunks + later.rejected_chunks,
+            dict(by_tier),
+            self.dropped_chunks + later.dropped_chunks,
+            self.pending + later.pending,
+        )
 
 
 @dataclass(frozen=True)
@@ -224,9 +262,7 @@ class CacheEngine:
         return _DeadlineScope(self, op, seconds)
 
     @_timed("lookup")
-    def lookup(
-        self, tokens: Tokens, *, max_tokens: int | None = None, deadline_s: float | None = None
-    ) -> LookupResult:
+    def lookup(self, tokens: Tokens, *, max_tokens: int | None = None, deadline_s: float | None = None) -> LookupResult:
         """How many leading tokens of ``tokens`` (at most ``max_tokens``) can be retrieved, and from where.
 
         Reads only the tiers' indexes (Redis: EXISTS); changes no recency. A
@@ -394,11 +430,19 @@ class CacheEngine:
             )
             for s in new
         ]
-        accepted = self.tiers.put(chunks)
+        put = self.tiers.put_chunks(chunks)
         with self._lock:
             self._counts["stored_chunks"] += len(chunks)
             self._counts["skipped_chunks"] += len(spans) - len(new)
-        return StoreResult(len(chunks), len(spans) - len(new), sum(s.num_tokens for s in new), len(chunks) - accepted)
+        return StoreResult(
+            len(chunks),
+            len(spans) - len(new),
+            sum(s.num_tokens for s in new),
+            len(chunks) - put.accepted,
+            put.rejected,
+            put.dropped,
+            (put.pending,) if put.pending is not None else (),
+        )
 
     # -- inspection --------------------------------------------------------------------------------------------
 

@@ -412,7 +412,7 @@ def test_chunks_larger_than_l1_are_counted_rejections(make_engine: EngineFactory
     tokens, kv = _tokens(100), _kv(layout, 100)
     # six full chunks (2112 bytes each) do not fit; the 4-token partial (528 bytes) would, but its
     # parent was refused, so storing it would only waste room: refused too
-    assert engine.store(tokens, kv) == StoreResult(7, 0, 100, 7)
+    assert engine.store(tokens, kv) == StoreResult(7, 0, 100, 7, {"l1": 7})
     assert engine.lookup(tokens).num_tokens == 0
 
 

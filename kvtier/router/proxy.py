@@ -38,6 +38,7 @@ from kvtier.storage.events import EventSubscriber
 log = logging.getLogger("kvtier.router")
 
 _PASS_HEADERS = ("content-type", "cache-control")
+_FORWARD_HEADERS = ("content-type", "authorization", "x-request-id")
 
 
 class Router:
@@ -53,6 +54,7 @@ class Router:
         self._health: asyncio.Task[None] | None = None
         self.routed = 0
         self.no_tokens = 0  # requests routed on load alone (tokenize failed)
+        self.index_fallbacks = 0  # instance hits taken from the admin lookup or taken as 0 (stale or no index)
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
@@ -131,6 +133,7 @@ class Router:
             assert b.subscriber is not None
             index = b.subscriber.index
             return index.match_any(tokens, cfg.local_media), index.match_any(tokens, cfg.shared_media)
+        self.index_fallbacks += 1
         if b.config.admin is not None:
             body: dict[str, Any] = {"token_ids": tokens}
             if salt is not None:
@@ -197,7 +200,7 @@ class Router:
         ranked, prefill = await self.order(path, body)
         if not ranked:
             return JSONResponse({"error": {"message": "no healthy instance"}}, status_code=503)
-        fwd_headers = {k: v for k, v in headers.items() if k.lower() in ("content-type", "authorization")}
+        fwd_headers = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
         for b in ranked:
             if not b.healthy:
                 continue
@@ -252,6 +255,7 @@ class Router:
             "policy": self.config.policy,
             "routed": self.routed,
             "routed_on_load_only": self.no_tokens,
+            "index_fallbacks": self.index_fallbacks,
             "instances": [b.snapshot() for b in self.backends],
         }
 

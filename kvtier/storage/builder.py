@@ -133,8 +133,8 @@ def build_backends(
     if config.l3.enabled:
         from kvtier.storage.redis import RedisBackend  # redis-py is optional
 
-        backends.append(
-            RedisBackend(
+        try:
+            l3 = RedisBackend(
                 config.l3,
                 tenant=config.tenant,
                 codec=get_codec(config.l3.codec),
@@ -142,7 +142,11 @@ def build_backends(
                 read_only=access.read_only,
                 policy=policy,
             )
-        )
+        except OSError as exc:  # the password file
+            raise ConfigError(f"l3.password_file: cannot read it: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        backends.append(l3)
     if not backends:
         enabled = "node, l2 or l3" if not access.memory else "l1, node, l2 or l3"
         raise ValueError(f"no tier to open: enable at least one of {enabled}")

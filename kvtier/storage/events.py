@@ -58,10 +58,12 @@ import zmq
 
 from kvtier.chunk import Chunk
 from kvtier.keys import ChunkKey
+from kvtier.threads import spread
 
 log = logging.getLogger(__name__)
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+REPLAY_WAIT_S = 5.0  # a subscriber waits this long for a replay's next message (a busy publisher is slow)
 
 
 class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):  # type: ignore[call-arg]
@@ -223,7 +225,8 @@ class EventPublisher(TierEvents):
         self._dropped = 0
         self._published = 0
         self._seq = 0
-        self._thread = threading.Thread(target=self._loop, name="kvtier-events", daemon=True)
+        # spread: not on the one core vLLM's CPU worker pins its main thread (and so this thread) to
+        self._thread = threading.Thread(target=spread(self._loop), name="kvtier-events", daemon=True)
         self._thread.start()
         log.info("kvtier events on %s (replay %s, topic %r)", self.endpoint, self.replay_endpoint, topic)
 
@@ -507,16 +510,17 @@ class EventSubscriber:
             self.stale = True
 
     def _replay(self, start: int) -> None:
-        """Ask for batches from ``start`` and apply them (bounded wait: one second)."""
+        """Ask for batches from ``start`` and apply them (waits up to ``REPLAY_WAIT_S`` for each message)."""
         assert self.replay_endpoint is not None
         sock = self._ctx.socket(zmq.DEALER)
         try:
             sock.connect(self.replay_endpoint)
             sock.send_multipart((b"", start.to_bytes(8, "big")))
-            deadline = time.monotonic() + 1.0
+            deadline = time.monotonic() + REPLAY_WAIT_S
             while time.monotonic() < deadline:
                 if not sock.poll(100):
                     continue
+                deadline = time.monotonic() + REPLAY_WAIT_S  # still answering: keep listening
                 frames = sock.recv_multipart()[1:]  # drop the empty delimiter
                 if len(frames) != 3:
                     self.bad_messages += 1

@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kvtier.chunk import PREFIX_BYTES, Chunk, decode_header, decode_payload, header_length
 from kvtier.codec import Codec, get_codec
 from kvtier.deadline import remaining
-from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
-from kvtier.security import ChunkPolicy
+from kvtier.security import ChunkPolicy, Secret
 from kvtier.storage.base import BackendStats, ChunkInfo, encode_or_none
 from kvtier.storage.breaker import CircuitBreaker
 from kvtier.storage.urls import parse_redis_url, redact
@@ -78,6 +78,7 @@ class RedisBackend:
     ) -> None:
         _require_redis_py()
         self.target = parse_redis_url(config.url)
+        self._password = _load_password(config)  # from l3.password_file / password_env; None: the URL's, or none
         self.config = config
         self.tenant = tenant
         self.codec = codec if codec is not None else get_codec(config.codec)
@@ -111,12 +112,21 @@ class RedisBackend:
 
         Never raises for an unreachable Redis: the failure is counted and
         logged, the breaker opens, and later calls reconnect on their own.
+        A server that answers but refuses this client (wrong password or ACL
+        user, a TLS certificate it or we reject) raises StorageError saying
+        so: a configuration error, not a storm of silent misses.
         """
         with self._lock:
             if self._started:
                 return
             self._started = True
-        if self._call("ping", lambda client: client.ping()) is not None:
+        try:
+            ok = self._call("ping", _checked_ping)
+        except StorageError as exc:
+            with self._lock:
+                self._started = False
+            raise StorageError(f"{self._what}: {exc}") from None
+        if ok is not None:
             log.info("%s: connected (keys %s*)", self._what, self._base.decode())
 
     def close(self) -> None:
@@ -141,13 +151,27 @@ class RedisBackend:
             "max_connections": cfg.max_connections,
             "retry": Retry(NoBackoff(), 0),  # one attempt per call: the breaker, not redis-py, decides when to retry
         }
+        if cfg.username is not None:
+            common["username"] = cfg.username
+        if self._password is not None:
+            common["password"] = self._password.value.decode()
+        if self.target.tls:
+            common["ssl_cert_reqs"] = "required"
+            common["ssl_check_hostname"] = False  # the CA file pins who may serve; test and LAN servers go by IP
+            if cfg.tls_ca_file is not None:
+                common["ssl_ca_certs"] = str(cfg.tls_ca_file)
+            if cfg.tls_cert_file is not None:
+                common["ssl_certfile"] = str(cfg.tls_cert_file)
+                common["ssl_keyfile"] = str(cfg.tls_key_file)
         if not self.target.cluster:
             return redis.Redis.from_url(cfg.url, **common)
         from redis.cluster import ClusterNode, RedisCluster
 
         t = self.target
         nodes = [ClusterNode(h, p) for h, p in t.nodes]
-        return RedisCluster(startup_nodes=nodes, username=t.username, password=t.password, ssl=t.tls, **common)
+        common.setdefault("username", t.username)
+        common.setdefault("password", t.password)
+        return RedisCluster(startup_nodes=nodes, ssl=t.tls, **common)
 
     def _get_client(self) -> Any:
         with self._connect_lock:
@@ -485,6 +509,52 @@ class _Bounded:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.client, name)
+
+
+def _load_password(config: L3Config) -> Secret | None:
+    """The password of ``l3.password_file``/``password_env``; ValueError/OSError name the setting, never the value."""
+    if config.password_file is not None:
+        value = config.password_file.read_bytes().strip()
+    elif config.password_env is not None:
+        import os
+
+        value = os.environ.get(config.password_env, "").strip().encode()
+        if not value:
+            raise ValueError(f"l3.password_env: environment variable {config.password_env} is unset or empty")
+    else:
+        return None
+    if not value:
+        raise ValueError(f"l3.password_file {config.password_file} is empty")
+    return _Password(value)
+
+
+class _Password(Secret):
+    """A Redis password: redacted like a chunk secret, any length."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+def _checked_ping(client: Any) -> Any:
+    """PING; a refusal of this client (authentication, ACL, TLS certificates) raises StorageError."""
+    import ssl
+
+    import redis
+
+    try:
+        return client.ping()
+    except redis.AuthenticationError as exc:
+        raise StorageError(f"authentication failed (check l3.username and the password): {exc}") from None
+    except redis.ResponseError as exc:
+        text = str(exc)
+        if any(word in text for word in ("NOAUTH", "WRONGPASS", "NOPERM", "invalid password")):
+            raise StorageError(f"authentication failed (check l3.username and the password): {text}") from None
+        raise
+    except redis.ConnectionError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc):
+            raise StorageError(f"TLS handshake failed (check l3.tls_* files): {exc}") from None
+        raise
 
 
 def _require_redis_py() -> None:

@@ -48,11 +48,71 @@ from kvtier.threads import spread
 log = logging.getLogger(__name__)
 
 
+class WriteBehind:
+    """The outcome of one queued write, known once the background writer has run it. Thread-safe.
+
+    ``rejected`` maps each background tier of the job to the chunks it did
+    not store (full, refused, or the write failed: ``errors`` counts tiers
+    whose write raised).
+    """
+
+    def __init__(self, tiers: Sequence[str]) -> None:
+        self.tiers = tuple(tiers)
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._rejected: dict[str, int] = {}
+        self._errors = 0
+
+    def _record(self, tier: str, rejected: int, *, error: bool = False) -> None:
+        with self._lock:
+            self._rejected[tier] = self._rejected.get(tier, 0) + rejected
+            self._errors += error
+
+    def _finish(self) -> None:
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the write ran (True) or ``timeout`` passed (False)."""
+        return self._done.wait(timeout)
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Chunks each tier did not store (tiers with none are left out); ValueError while still pending."""
+        if not self.done:
+            raise ValueError("the write-behind is still pending: wait() first")
+        with self._lock:
+            return {t: n for t, n in self._rejected.items() if n}
+
+    @property
+    def errors(self) -> int:
+        with self._lock:
+            return self._errors
+
+    def __repr__(self) -> str:
+        return f"WriteBehind({list(self.tiers)}, {'done' if self.done else 'pending'})"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What :meth:`TierStack.put_chunks` did now: the first writable tier's count, every synchronous tier's
+    refusals, the chunks a full queue dropped, and the queued write's outcome handle (None: nothing queued)."""
+
+    accepted: int
+    rejected: dict[str, int]
+    dropped: int
+    pending: WriteBehind | None
+
+
 @dataclass(frozen=True)
 class _WriteJob:
     chunks: tuple[Chunk, ...]
     tiers: tuple[int, ...]
     nbytes: int
+    outcome: WriteBehind
 
 
 _STOP = object()
@@ -268,13 +328,23 @@ class TierStack:
 
         Returns how many chunks the first writable tier took (when that tier
         is written in the background: how many were queued; a full queue
-        drops them, counted in ``dropped_writes``).
+        drops them, counted in ``dropped_writes``). :meth:`put_chunks` says more.
         """
+        return self.put_chunks(chunks).accepted
+
+    def put_chunks(self, chunks: Sequence[Chunk]) -> PutResult:
+        """:meth:`put`, reporting every tier: the synchronous tiers' refusals now, the background ones' through
+        the returned :class:`WriteBehind` (or the chunks a full queue dropped)."""
         if not chunks:
-            return 0
-        accepted = [self._put(ti, chunks) for ti in self._sync()]
-        queued = self._enqueue(chunks, self._background())
-        return accepted[0] if accepted else (len(chunks) if queued else 0)
+            return PutResult(0, {}, 0, None)
+        sync = self._sync()
+        accepted = [self._put(ti, chunks) for ti in sync]
+        rejected = {self.names[ti]: len(chunks) - n for ti, n in zip(sync, accepted, strict=True) if n < len(chunks)}
+        background = self._background()
+        pending = self._enqueue(chunks, background)
+        dropped = len(chunks) if background and pending is None else 0
+        first = accepted[0] if accepted else (len(chunks) if pending is not None else 0)
+        return PutResult(first, rejected, dropped, pending)
 
     def promote(self, found: Sequence[tuple[Chunk, int]]) -> None:
         """Copy chunks read from lower tiers into the writable tiers above where each was found.
@@ -299,9 +369,10 @@ class TierStack:
                 for ti in later:
                     self._put(ti, chunks)
 
-    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> bool:
+    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> WriteBehind | None:
+        """Queue a write of ``chunks`` to ``tiers``; its outcome handle, or None if nothing was queued (full)."""
         if not tiers:
-            return False
+            return None
         nbytes = sum(c.nbytes for c in chunks)
         with self._lock:
             if self._queued_bytes + nbytes > self.write_queue_bytes:
@@ -310,14 +381,15 @@ class TierStack:
                 log.warning(
                     "write-behind queue full: dropped %d chunks for %s", len(chunks), [self.names[t] for t in tiers]
                 )
-                return False
+                return None
             self._queued_bytes += nbytes
             self._in_flight += 1
             self._queued_keys.update(c.key for c in chunks)
         self.metrics.queued_bytes.inc(nbytes)
         self.metrics.queued_chunks.inc(len(chunks))
-        self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes))
-        return True
+        outcome = WriteBehind([self.names[t] for t in tiers])
+        self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes, outcome))
+        return outcome
 
     def _write_loop(self) -> None:
         while True:
@@ -327,11 +399,13 @@ class TierStack:
             assert isinstance(job, _WriteJob)
             for ti in job.tiers:
                 try:
-                    self._put(ti, job.chunks)
+                    job.outcome._record(self.names[ti], len(job.chunks) - self._put(ti, job.chunks))
                 except Exception:  # a failing tier must not kill the writer; it is counted and logged
                     log.exception("write-behind to %s failed", self.tiers[ti].name)
+                    job.outcome._record(self.names[ti], len(job.chunks), error=True)
                     with self._lock:
                         self._write_errors += 1
+            job.outcome._finish()
             self.metrics.queued_bytes.dec(job.nbytes)
             self.metrics.queued_chunks.dec(len(job.chunks))
             with self._lock:

@@ -80,12 +80,7 @@ def hf_namespace(model: PreTrainedModel, *, tenant: str | None = None, hash_name
 
 
 def _stores(a: StoreResult, b: StoreResult) -> StoreResult:
-    return StoreResult(
-        a.stored_chunks + b.stored_chunks,
-        b.skipped_chunks,
-        a.stored_tokens + b.stored_tokens,
-        a.rejected_chunks + b.rejected_chunks,
-    )
+    return a.combine(b)
 
 
 _NOTHING = StoreResult(0, 0, 0, 0)
