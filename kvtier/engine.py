@@ -183,6 +183,7 @@ class CacheEngine:
         if tiers.policy is not None:  # the shared tiers accept (and, with a secret, sign) this namespace's chunks
             # the layout a chunk header records (the attention windows are in the digest)
             tiers.policy.register(namespace.digest, namespace.tenant, self.layout.payload, chunk_size)
+        tiers.events.namespace(namespace.digest, namespace.tenant)  # root chunks' events carry the cache_salt
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()

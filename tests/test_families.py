@@ -270,3 +270,27 @@ def test_batch_of_one_and_tensor_batches(tmp_path: Path) -> None:
     assert not isinstance(one, list) and isinstance(listed, list) and len(rows) == 2
     assert torch.equal(listed[0].sequences, one.sequences) and torch.equal(rows[0].sequences, one.sequences)
     assert listed[0].reused_tokens == 39 and rows[1].reused_tokens == 0
+
+
+def test_several_return_sequences_and_beams(tmp_path: Path) -> None:
+    """num_return_sequences: cached rows repeated, the hit samples as recompute does. Beams: no answer stored."""
+    model = build("llama")
+    ids = prompt(N_PROMPT)
+    kwargs = {"max_new_tokens": 8, "do_sample": True, "num_return_sequences": 2}
+    with torch.inference_mode():
+        torch.manual_seed(3)
+        plain = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    with _engine(model, tmp_path) as engine:
+        cached = CachedModel(model, None, engine)
+        cached.generate(ids, max_new_tokens=1, do_sample=False)
+        torch.manual_seed(3)
+        warm = cached.generate(ids, **kwargs)
+        assert warm.reused_tokens == N_PROMPT - 1 and torch.equal(warm.sequences, plain)
+        assert warm.stored.stored_chunks == 2  # each sample's answer: its own partial chunk after the prompt's
+        cache = KvtierCache(model, engine)
+        inputs = cache.load(ids, copies=2)
+        with torch.inference_mode():
+            beams = model.generate(**inputs, past_key_values=cache, max_new_tokens=4, num_beams=2, do_sample=False)
+        before = engine.stats().stored_chunks
+        cache.store_generated(beams)  # the cache's rows were reordered: refused, nothing stored
+        assert engine.stats().stored_chunks == before and cache.rows[0].reused_tokens == N_PROMPT - 1

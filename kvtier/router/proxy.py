@@ -38,6 +38,7 @@ from kvtier.storage.events import EventSubscriber
 log = logging.getLogger("kvtier.router")
 
 _PASS_HEADERS = ("content-type", "cache-control")
+_FORWARD_HEADERS = ("content-type", "authorization", "x-request-id")
 
 
 class Router:
@@ -53,6 +54,7 @@ class Router:
         self._health: asyncio.Task[None] | None = None
         self.routed = 0
         self.no_tokens = 0  # requests routed on load alone (tokenize failed)
+        self.index_fallbacks = 0  # instance hits taken from the admin lookup or taken as 0 (stale or no index)
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
@@ -125,12 +127,16 @@ class Router:
         return None
 
     async def _hit(self, b: Backend, tokens: list[int], salt: str | None, model: str | None) -> tuple[int, int]:
-        """(local, shared) leading tokens this instance's index (or admin lookup) says it holds."""
+        """(local, shared) leading tokens of this tenant (``salt``) this instance's index (or admin lookup) holds."""
         cfg = self.config
         if b.index_usable:
             assert b.subscriber is not None
             index = b.subscriber.index
-            return index.match_any(tokens, cfg.local_media), index.match_any(tokens, cfg.shared_media)
+            return (
+                index.match_any(tokens, cfg.local_media, cache_salt=salt),
+                index.match_any(tokens, cfg.shared_media, cache_salt=salt),
+            )
+        self.index_fallbacks += 1
         if b.config.admin is not None:
             body: dict[str, Any] = {"token_ids": tokens}
             if salt is not None:
@@ -146,13 +152,13 @@ class Router:
                 pass
         return 0, 0
 
-    def _shared(self, tokens: list[int]) -> int:
+    def _shared(self, tokens: list[int], salt: str | None) -> int:
         """What the shared tier holds of ``tokens``, by any instance's index (every instance reads it)."""
         best = 0
         for b in self.backends:
             if b.index_usable:
                 assert b.subscriber is not None
-                best = max(best, b.subscriber.index.match_any(tokens, self.config.shared_media))
+                best = max(best, b.subscriber.index.match_any(tokens, self.config.shared_media, cache_salt=salt))
         return best
 
     async def order(self, path: str, body: dict[str, Any]) -> tuple[list[Backend], int]:
@@ -170,7 +176,7 @@ class Router:
             tokens = []
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         hits = await asyncio.gather(*(self._hit(b, tokens, salt, body.get("model")) for b in rotated))
-        shared = self._shared(tokens) if tokens else 0
+        shared = self._shared(tokens, salt) if tokens else 0
         cands = [
             Candidate(str(i), local, max(sh, shared), b.in_flight, b.queued_prefill_tokens)
             for i, (b, (local, sh)) in enumerate(zip(rotated, hits, strict=True))
@@ -197,7 +203,7 @@ class Router:
         ranked, prefill = await self.order(path, body)
         if not ranked:
             return JSONResponse({"error": {"message": "no healthy instance"}}, status_code=503)
-        fwd_headers = {k: v for k, v in headers.items() if k.lower() in ("content-type", "authorization")}
+        fwd_headers = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
         for b in ranked:
             if not b.healthy:
                 continue
@@ -252,6 +258,7 @@ class Router:
             "policy": self.config.policy,
             "routed": self.routed,
             "routed_on_load_only": self.no_tokens,
+            "index_fallbacks": self.index_fallbacks,
             "instances": [b.snapshot() for b in self.backends],
         }
 

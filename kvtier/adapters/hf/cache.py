@@ -166,17 +166,22 @@ class KvtierCache(DynamicCache):
         self.rows: list[RowReport] = []
         self.prompt_columns = 0  # width of load()'s input_ids
         self._pending_prompt_store = False
-        self._generated_stored = False
+        self._reordered = False
 
     # -- filling ---------------------------------------------------------------------------------------------------
 
-    def load(self, prompts: Prompt | Sequence[Prompt]) -> dict[str, torch.Tensor]:
+    def load(self, prompts: Prompt | Sequence[Prompt], *, copies: int = 1) -> dict[str, torch.Tensor]:
         """Retrieve each prompt's longest stored prefix into this cache; return ``input_ids`` and ``attention_mask``.
 
         Call once, on an empty cache, then pass both (``**inputs``) and this
         cache to ``model.generate`` (or a forward). Per-row results are in
-        :attr:`rows`.
+        :attr:`rows`. ``generate`` repeats its inputs, but not a filled cache,
+        for ``num_return_sequences`` (sampling) or ``num_beams`` (beam search):
+        pass that number as ``copies`` and each prompt's cached rows are
+        repeated to match.
         """
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
         if self.rows or self.get_seq_length() or any(layer.is_initialized for layer in self.layers):
             raise ValueError("KvtierCache.load fills an empty cache once; make a new KvtierCache per generate")
         rows, _ = as_prompts(prompts)
@@ -202,13 +207,13 @@ class KvtierCache(DynamicCache):
             mask[i, columns] = 1
             self.rows.append(RowReport(row, u, hit_lens[i], dict(hits[i].tier_tokens), columns))
         if width:
-            self._fill(hits, used, width)
+            self._fill(hits, used, width, copies)
         self.prompt_columns = total
         self._pending_prompt_store = True
         return {"input_ids": input_ids, "attention_mask": mask}
 
-    def _fill(self, hits: list[RetrieveResult], used: list[int], width: int) -> None:
-        """Put the retrieved KV into the layers: [B, H, width, D], row i's last ``used[i]`` columns from its hit."""
+    def _fill(self, hits: list[RetrieveResult], used: list[int], width: int, copies: int) -> None:
+        """Put the retrieved KV into the layers: [B * copies, H, width, D], row i's last ``used[i]`` columns its hit."""
         layout = self.kv_layout
         adopt = len(hits) == 1 and used[0] == hits[0].num_tokens  # one row, all of it: no copy
         for index, layer in enumerate(self.layers):
@@ -223,6 +228,8 @@ class KvtierCache(DynamicCache):
                     if u:
                         keys[i, :, width - u :] = hit.layers[index][0, :, :u]
                         values[i, :, width - u :] = hit.layers[index][1, :, :u]
+            if copies > 1:
+                keys, values = keys.repeat_interleave(copies, dim=0), values.repeat_interleave(copies, dim=0)
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values  # adopted as they are: kvtier owns them
             if isinstance(layer, DynamicSlidingWindowLayer):
@@ -240,39 +247,61 @@ class KvtierCache(DynamicCache):
             and self.get_seq_length() >= self.prompt_columns
         ):
             self._pending_prompt_store = False  # the prefill's last layer: every layer holds the prompts' KV
-            for i, row in enumerate(self.rows):
-                row.stored = _stores(row.stored, self._store_row(i, row.prompt, row.columns))
+            copies = self._copies()
+            for i, row in enumerate(self.rows):  # copies of one prompt (num_return_sequences, beams) share its KV
+                if copies:
+                    row.stored = _stores(row.stored, self._store_row(i * copies, row.prompt, row.columns))
         return out
 
-    def store_generated(self, sequences: torch.Tensor, eos_token_id: int | Sequence[int] | None = None) -> None:
-        """Store each row's prompt + generated tokens (``generate``'s ``sequences``, [B, prompt columns + new]).
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._reordered = True  # beam search: cache rows no longer follow generate's output rows
+        super().reorder_cache(beam_idx)
 
-        A row's generated tokens end after its first ``eos_token_id`` (what
-        follows is padding); the last generated token has no KV yet and is
-        left out. Adds to :attr:`rows`' ``stored``.
+    def _copies(self) -> int:
+        """How many cache rows each prompt has (generate repeats them for ``num_return_sequences``); 0: unknown."""
+        batch = self.layers[0].keys.shape[0] if self.layers and self.layers[0].keys is not None else 0
+        if not self.rows or batch % len(self.rows):
+            log.warning("kvtier: the cache has %d rows for %d prompts; nothing stored", batch, len(self.rows))
+            return 0
+        return batch // len(self.rows)
+
+    def store_generated(self, sequences: torch.Tensor, eos_token_id: int | Sequence[int] | None = None) -> None:
+        """Store each output row's prompt + generated tokens (``generate``'s ``sequences``, [B * k, columns + new]).
+
+        ``k`` is ``num_return_sequences`` (output row ``r`` continues prompt
+        ``r // k``). A row's generated tokens end after its first
+        ``eos_token_id`` (what follows is padding); the last generated token
+        has no KV yet and is left out. After beam search (the cache's rows were
+        reordered) nothing is stored: the rows no longer match the output.
+        Adds to :attr:`rows`' ``stored``.
         """
         if self._pending_prompt_store:
             raise ValueError("store_generated needs a generate (or forward) over load()'s inputs first")
-        if sequences.dim() != 2 or sequences.shape[0] != len(self.rows):
-            raise ValueError(f"sequences must be [{len(self.rows)}, N], got {tuple(sequences.shape)}")
+        if self._reordered:
+            log.warning("kvtier: beam search reordered the cache; the generated tokens are not stored")
+            return
+        copies = self._copies()
+        if sequences.dim() != 2 or not copies or sequences.shape[0] != len(self.rows) * copies:
+            raise ValueError(f"sequences must be [{len(self.rows) * max(copies, 1)}, N], got {tuple(sequences.shape)}")
         eos = set(_all(eos_token_id))
         with_kv = self.get_seq_length() - self.prompt_columns  # generated tokens whose KV the cache holds
-        for i, row in enumerate(self.rows):
-            new = sequences[i, self.prompt_columns :].tolist()
+        for r in range(sequences.shape[0]):
+            row = self.rows[r // copies]
+            new = sequences[r, self.prompt_columns :].tolist()
             ends = [j for j, t in enumerate(new) if t in eos]
             keep = min(with_kv, ends[0] + 1 if ends else len(new))
             if keep <= 0:
                 continue
-            tokens = torch.cat([row.prompt, sequences[i, self.prompt_columns : self.prompt_columns + keep]])
+            tokens = torch.cat([row.prompt, sequences[r, self.prompt_columns : self.prompt_columns + keep]])
             columns = torch.cat([row.columns, torch.arange(self.prompt_columns, self.prompt_columns + keep)])
-            row.stored = _stores(row.stored, self._store_row(i, tokens, columns))
+            row.stored = _stores(row.stored, self._store_row(r, tokens, columns))
 
     def _store_row(self, row: int, tokens: torch.Tensor, columns: torch.Tensor) -> StoreResult:
         length = self.get_seq_length()
         if any(layer.keys is None or layer.keys.shape[-2] != length for layer in self.layers):
             log.warning("kvtier: the cache was cropped (a layer no longer holds every token); nothing stored")
             return _NOTHING
-        if len(self.rows) == 1 and torch.equal(columns, torch.arange(columns.numel())):
+        if row == 0 and torch.equal(columns, torch.arange(columns.numel())):
             n = columns.numel()  # one unpadded row: views, no copy
             keys = [layer.keys[0, :, :n] for layer in self.layers]
             values = [layer.values[0, :, :n] for layer in self.layers]

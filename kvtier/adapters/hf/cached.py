@@ -59,7 +59,7 @@ class _FirstToken(BaseStreamer):
 class Generation:
     """One ``generate`` call's output and what kvtier did for it."""
 
-    sequences: torch.Tensor  # [1, prompt + new], no padding
+    sequences: torch.Tensor  # [k, prompt + new] (k = num_return_sequences, 1 by default), no left padding
     prompt_tokens: int
     reused_tokens: int
     tier_tokens: dict[str, int]
@@ -67,7 +67,7 @@ class Generation:
     total_s: float
     stored: StoreResult
     output: Any  # transformers' GenerateOutput (logits/scores if asked for); a batch's rows share it
-    row: int = 0  # this prompt's row in ``output`` (``output.logits[step][row]``)
+    row: int = 0  # this prompt's first row in ``output`` (``output.logits[step][row]``)
 
     @property
     def new_tokens(self) -> list[int]:
@@ -151,7 +151,9 @@ class CachedModel:
                 raise ValueError(f"{reserved} is set by kvtier; do not pass it")
         start = time.perf_counter()
         cache = KvtierCache(self.model, self.engine, pad_token_id=generate_kwargs.get("pad_token_id"))
-        inputs = cache.load(prompts)
+        gen_config = self.model.generation_config
+        copies = int(generate_kwargs.get("num_return_sequences") or gen_config.num_return_sequences or 1)
+        inputs = cache.load(prompts, copies=copies)
         if len(prompts) > 1:
             generate_kwargs.setdefault("pad_token_id", cache.pad_token_id)
         timer = _FirstToken(generate_kwargs.pop("streamer", None))
@@ -163,12 +165,14 @@ class CachedModel:
         if self.store_generated:
             cache.store_generated(out.sequences, eos)
         total = time.perf_counter() - start
+        eos_ids = set(_all(eos))
         results = []
         for i, row in enumerate(cache.rows):
-            new = out.sequences[i, cache.prompt_columns :].tolist()
-            ends = [j for j, t in enumerate(new) if t in set(_all(eos))]
-            new = new[: ends[0] + 1] if ends and len(prompts) > 1 else new
-            sequence = torch.cat([row.prompt, torch.tensor(new, dtype=torch.long)]).unsqueeze(0)
+            new = out.sequences[i * copies : (i + 1) * copies, cache.prompt_columns :]
+            if copies == 1 and len(prompts) > 1:  # a batch row runs on (pads) after its end
+                ends = [j for j, t in enumerate(new[0].tolist()) if t in eos_ids]
+                new = new[:, : ends[0] + 1] if ends else new
+            sequence = torch.cat([row.prompt.expand(new.shape[0], -1), new], dim=1)
             log.info(
                 "kvtier: prompt %d tokens, reused %d (%s), stored %d new chunks, TTFT %.3fs",
                 row.prompt_tokens,
@@ -187,7 +191,7 @@ class CachedModel:
                     total,
                     row.stored,
                     out,
-                    i,
+                    i * copies,
                 )
             )
         return results
