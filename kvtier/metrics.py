@@ -42,6 +42,9 @@ class _BackendCollector(Collector):
         stale = CounterMetricFamily(
             "kvtier_tier_stale", "Chunks read in an older chunk format (a miss; a writer removes them)", labels=["tier"]
         )
+        refused = CounterMetricFamily(
+            "kvtier_tier_admission_refused", "New chunks a tier's admission filter refused", labels=["tier"]
+        )
         for source in self._sources:
             for s in source():
                 if s.max_bytes:  # managed elsewhere (Redis): no count beats a wrong one
@@ -52,7 +55,8 @@ class _BackendCollector(Collector):
                 corrupt.add_metric([s.name], s.corrupt)
                 rejected.add_metric([s.name], s.rejected_puts)
                 stale.add_metric([s.name], s.stale)
-        yield from (entries, used, budget, evictions, corrupt, rejected, stale)
+                refused.add_metric([s.name], s.admission_refused)
+        yield from (entries, used, budget, evictions, corrupt, rejected, stale, refused)
 
 
 class KvtierMetrics:

@@ -48,6 +48,7 @@ class BackendStats:
     rejected_puts: int
     corrupt: int
     stale: int = 0  # entries in an older chunk format: a counted miss, removed by a writer
+    admission_refused: int = 0  # new chunks the tier's admission filter refused (also in rejected_puts)
 
 
 @runtime_checkable

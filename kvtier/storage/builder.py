@@ -65,7 +65,15 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
     """
     backends: list[StorageBackend] = []
     if config.l1.enabled and access.memory:
-        backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec), name="l1"))
+        backends.append(
+            MemoryBackend(
+                int(config.l1.max_bytes),
+                codec=get_codec(config.l1.codec),
+                name="l1",
+                policy=config.l1.policy,
+                admission=config.l1.admission,
+            )
+        )
     if config.node.enabled:
         assert config.node.max_bytes is not None  # the config refuses an enabled node tier without a budget
         backends.append(
@@ -87,6 +95,7 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
                 name="l2",
                 watch=access.watch,
                 read_only=access.read_only,
+                policy=config.l2.policy,
             )
         )
     if config.l3.enabled:
