@@ -8,8 +8,8 @@ wire it is ``encode``-d into one little-endian binary format (version 2)::
 offset size field
      0    4 magic b"KVTC"
      4    2 u16 format version (2)
-     6    2 u16 flags: bit 0 has a parent; bits 1-15 reserved, zero (a keyed
-            MAC and body encryption will take bits 1 and 2)
+     6    2 u16 flags: bit 0 has a parent; bit 1 carries a keyed MAC; bits
+            2-15 reserved, zero (body encryption will take bit 2)
      8    4 u32 token count n (at most MAX_TOKENS)
     12    1 layout dtype (float32 1, float16 2, bfloat16 3)
     13    1 codec base stage id (raw 1, fp16 2, bf16 3, fp8 5, int4 8, int8 9)
@@ -24,9 +24,10 @@ offset size field
     48   32 key
     80   32 parent key (zero without a parent)
    112   32 namespace digest
-   144   32 reserved for a keyed MAC, zero
-   176   16 xxh3-128 digest (xxhash's big-endian bytes) of bytes 0..175, the
-            token ids and the body
+   144   32 keyed MAC (flag bit 1; zero without it): keyed BLAKE3 of the whole
+            chunk with these 32 bytes left out (:mod:`kvtier.security`)
+   176   16 xxh3-128 digest (xxhash's big-endian bytes) of bytes 0..175 with
+            the MAC field zeroed, the token ids and the body
    192   4n token ids
  192+4n     body (``payload_len`` bytes)
 
@@ -46,6 +47,16 @@ chunks among them) or unknown flags raise :class:`ChunkVersionError`, a
 for old formats (a cache's data is recomputable, and one reader is less code
 and less surface for a crafted file). :meth:`Chunk.mismatch` then checks that
 a chunk is the one the caller asked for (key, tokens, namespace, layout).
+
+Shared tiers read and write under a :class:`~kvtier.security.ChunkPolicy`:
+``decode_header`` then also refuses a header whose namespace, layout or
+token count is not one this process's engines use (before anything is
+allocated), and with a secret one without a MAC flag or without a key for
+its namespace (:class:`ChunkAuthError`); ``decode_payload`` verifies the MAC
+before the checksum and before any decoding. The checksum is computed with
+the MAC field zeroed, and the MAC over the chunk with that field left out
+(the checksum included), so a chunk signed or not has the same checksum and
+an unsigned chunk of an older kvtier still reads where no secret is set.
 """
 
 from __future__ import annotations
@@ -59,14 +70,16 @@ import torch
 import xxhash
 
 from kvtier.codec import Codec, CodecError, codec_from_ids
-from kvtier.errors import ChunkFormatError, ChunkVersionError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
 from kvtier.layout import KVLayout
+from kvtier.security import MAC_LEN, MAC_OFFSET, ChunkAuthenticator, ChunkPolicy
 
 MAGIC = b"KVTC"
 VERSION = 2
 FLAG_PARENT = 1
-KNOWN_FLAGS = FLAG_PARENT
+FLAG_MAC = 2
+KNOWN_FLAGS = FLAG_PARENT | FLAG_MAC
 MAX_TOKENS = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 31  # decoded payload bytes a header may claim
 CODEC_RAW = "raw"
@@ -80,7 +93,7 @@ PREFIX_BYTES = _PREFIX.size
 _DTYPE_IDS = {"float32": 1, "float16": 2, "bfloat16": 3}
 _DTYPES = {v: k for k, v in _DTYPE_IDS.items()}
 _ZERO = bytes(32)
-assert _FIELDS.size == 176 and HEADER_BYTES == 192
+assert _FIELDS.size == 176 and HEADER_BYTES == 192 and MAC_OFFSET + MAC_LEN == _FIELDS.size
 
 
 def payload_checksum(data: memoryview | bytes) -> str:
@@ -89,8 +102,9 @@ def payload_checksum(data: memoryview | bytes) -> str:
 
 
 def _checksum(fields: bytes | memoryview, tokens: bytes | memoryview, body: memoryview | bytes) -> bytes:
-    """The header's checksum: one xxh3-128 pass over the fields before it, the token ids and the body."""
-    h = xxhash.xxh3_128(fields)
+    """The header's checksum: one xxh3-128 pass over the fields (MAC field zeroed), the token ids and the body."""
+    h = xxhash.xxh3_128(fields[:MAC_OFFSET])
+    h.update(_ZERO)
     h.update(tokens)
     h.update(body)
     return h.digest()
@@ -137,7 +151,7 @@ class Chunk:
             return "key"
         if self.namespace != namespace:
             return "namespace"
-        if self.layout != layout:
+        if self.layout.payload != layout.payload:  # the attention kinds are in the namespace digest
             return "layout"
         if not np.array_equal(self.tokens, tokens):
             return "tokens"
@@ -149,16 +163,26 @@ def payload_view(chunk: Chunk) -> memoryview:
     return memoryview(chunk.payload.view(torch.uint8).reshape(-1).numpy())
 
 
-def encode_parts(chunk: Chunk, codec: Codec | None = None) -> tuple[bytes, memoryview | bytes]:
+def encode_parts(
+    chunk: Chunk, codec: Codec | None = None, *, policy: ChunkPolicy | None = None
+) -> tuple[bytes, memoryview | bytes]:
     """(header + token ids, body) of the stored form of ``chunk``.
 
     Without a codec, or with ``raw``, the body is a view of the chunk's own
     memory (no copy; valid while the chunk lives). Otherwise it is the codec's
-    output (new bytes). CPU cost: one checksum pass, plus the codec's encode.
-    Raises ValueError if the codec cannot encode the payload, or the chunk
-    does not fit the format (namespace digest size, more than MAX_TOKENS).
+    output (new bytes). CPU cost: one checksum pass, plus the codec's encode;
+    with a signing ``policy`` one keyed BLAKE3 pass more (the tenant's MAC in
+    the header). Raises ValueError if the codec cannot encode the payload, the
+    chunk does not fit the format (namespace digest size, more than
+    MAX_TOKENS), or the policy signs and has no key for its namespace.
     """
     layout, n = chunk.layout, chunk.num_tokens
+    auth: ChunkAuthenticator | None = None
+    if policy is not None and policy.signs:
+        expected = policy.expected(chunk.namespace)
+        if expected is None or expected.auth is None:
+            raise ValueError("no MAC key for this chunk's namespace (no engine of this process registered it)")
+        auth = expected.auth
     if len(chunk.namespace) != DIGEST_SIZE:
         raise ValueError(f"namespace digest must be {DIGEST_SIZE} bytes, got {len(chunk.namespace)}")
     if n > MAX_TOKENS or n * layout.bytes_per_token > MAX_PAYLOAD_BYTES:
@@ -174,7 +198,7 @@ def encode_parts(chunk: Chunk, codec: Codec | None = None) -> tuple[bytes, memor
     fields = _FIELDS.pack(
         MAGIC,
         VERSION,
-        FLAG_PARENT if chunk.parent is not None else 0,
+        (FLAG_PARENT if chunk.parent is not None else 0) | (FLAG_MAC if auth is not None else 0),
         n,
         _DTYPE_IDS[layout.dtype],
         base_id,
@@ -193,12 +217,15 @@ def encode_parts(chunk: Chunk, codec: Codec | None = None) -> tuple[bytes, memor
     )
     tokens = chunk.tokens.astype("<u4", copy=False).tobytes()
     checksum = _checksum(fields, tokens, body)
-    return b"".join((fields, checksum, tokens)), body
+    head = b"".join((fields, checksum, tokens))
+    if auth is not None:
+        head = b"".join((head[:MAC_OFFSET], auth.sign(head, body), head[MAC_OFFSET + MAC_LEN :]))
+    return head, body
 
 
-def encode(chunk: Chunk, codec: Codec | None = None) -> bytes:
+def encode(chunk: Chunk, codec: Codec | None = None, *, policy: ChunkPolicy | None = None) -> bytes:
     """The whole encoded chunk as one bytes object."""
-    header, body = encode_parts(chunk, codec)
+    header, body = encode_parts(chunk, codec, policy=policy)
     return b"".join((header, body))  # one copy of the body
 
 
@@ -208,7 +235,8 @@ class ChunkHeader:
 
     ``codec`` is the canonical spec of the codec that wrote the body
     (``"raw"``, ``"int8+zstd"``…); ``payload_len`` is the body's length.
-    ``checksum`` is not verified yet (it covers the body): :func:`decode_payload` does that.
+    ``checksum`` and ``mac`` are not verified yet (they cover the body): :func:`decode_payload` does that,
+    with ``auth`` (set when the header was read under a signing policy).
     """
 
     key: ChunkKey
@@ -222,6 +250,8 @@ class ChunkHeader:
     offset: int
     head: bytes = field(repr=False)  # the header bytes and token ids, as read: the checksum covers them
     decoder: Codec | None = field(default=None, repr=False)  # None for raw
+    mac: bytes = field(default=bytes(MAC_LEN), repr=False)
+    auth: ChunkAuthenticator | None = field(default=None, repr=False)  # verifies ``mac`` in decode_payload
 
 
 def header_length(prefix: bytes | memoryview) -> int:
@@ -247,11 +277,14 @@ def header_length(prefix: bytes | memoryview) -> int:
     return HEADER_BYTES + 4 * n
 
 
-def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
+def decode_header(prefix: bytes | memoryview, *, policy: ChunkPolicy | None = None) -> ChunkHeader:
     """Parse and validate the header at the start of ``prefix``; raise ChunkFormatError if it is not one.
 
     Nothing is allocated from the header's claims except the token ids it
     holds; every length it states is checked against its layout and codec.
+    With ``policy``: its namespace, layout and token count must be a
+    registered namespace's (once any is), and with a secret it must carry a
+    MAC flag and its namespace a key (else :class:`ChunkAuthError`).
     """
     end = header_length(prefix)
     if len(prefix) < end:
@@ -259,7 +292,7 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
     fields = _FIELDS.unpack_from(prefix)
     flags, n, dtype_id, base_id, lossless_id, shuffle, layers, heads, dim, reserved, stage_len, body_len = fields[2:14]
     key, parent, namespace, mac = fields[14:]
-    if reserved or mac != _ZERO or (not flags & FLAG_PARENT and parent != _ZERO):
+    if reserved or (mac != _ZERO and not flags & FLAG_MAC) or (not flags & FLAG_PARENT and parent != _ZERO):
         raise ChunkFormatError("reserved header bytes are not zero")
     if dtype_id not in _DTYPES:
         raise ChunkFormatError(f"unknown dtype id {dtype_id}")
@@ -267,6 +300,7 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
         layout = KVLayout(layers, heads, dim, _DTYPES[dtype_id])
     except ValueError as exc:
         raise ChunkFormatError(f"malformed header: {exc}") from exc
+    auth = _admit(policy, namespace, layout, n, flags) if policy is not None else None
     size = n * layout.bytes_per_token  # Python ints: no overflow
     if size > MAX_PAYLOAD_BYTES:
         raise ChunkFormatError(f"header claims a {size}-byte payload (at most {MAX_PAYLOAD_BYTES})")
@@ -297,7 +331,28 @@ def decode_header(prefix: bytes | memoryview) -> ChunkHeader:
         offset=end,
         head=bytes(prefix[:end]),
         decoder=decoder,
+        mac=mac,
+        auth=auth,
     )
+
+
+def _admit(policy: ChunkPolicy, namespace: bytes, layout: KVLayout, n: int, flags: int) -> ChunkAuthenticator | None:
+    """Check a header against ``policy``; the authenticator its MAC must verify with (None: not signing)."""
+    expected = policy.expected(namespace)
+    if expected is not None:
+        if layout != expected.layout:
+            raise ChunkFormatError(f"header layout {layout} is not this namespace's {expected.layout}")
+        if n > expected.max_tokens:
+            raise ChunkFormatError(f"header claims {n} tokens, chunks here hold at most {expected.max_tokens}")
+    elif policy.strict:
+        raise ChunkAuthError("chunk of a namespace no engine here uses")
+    if not policy.signs:
+        return None
+    if not flags & FLAG_MAC:
+        raise ChunkAuthError("chunk carries no MAC and a secret is configured")
+    if expected is None or expected.auth is None:
+        raise ChunkAuthError("no MAC key for the chunk's namespace")
+    return expected.auth
 
 
 def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes) -> Chunk:
@@ -311,6 +366,8 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     if len(payload) != header.payload_len:
         raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
     head = memoryview(header.head)
+    if header.auth is not None and not header.auth.verify(head, header.mac, payload):
+        raise ChunkAuthError("MAC mismatch: not written with this tenant's key")
     if _checksum(head[: _FIELDS.size], head[HEADER_BYTES:], payload) != header.checksum:
         raise ChunkFormatError("checksum mismatch")
     dtype = header.layout.torch_dtype
@@ -339,8 +396,8 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     )
 
 
-def decode(data: bytes | bytearray) -> Chunk:
+def decode(data: bytes | bytearray, *, policy: ChunkPolicy | None = None) -> Chunk:
     """Decode a whole encoded chunk (copies ``data`` if it is immutable bytes)."""
-    header = decode_header(memoryview(data))
+    header = decode_header(memoryview(data), policy=policy)
     body = memoryview(data if isinstance(data, bytearray) else bytearray(data))[header.offset :]
     return decode_payload(header, body)

@@ -66,7 +66,130 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-kvtier", action="store_true", help="the same vLLM server without kvtier (a baseline)")
     serve.add_argument("--print-command", action="store_true", help="print the vLLM command and exit")
     serve.add_argument("vllm_args", nargs="*", help="extra vLLM arguments, after --")
+    _admin_parser(sub)
+    router = sub.add_parser(
+        "router",
+        parents=[common],
+        help="an OpenAI-compatible, KV-aware and load-aware front over several instances",
+        description="Route OpenAI requests over instances ([router] in the config, or --instance). "
+        "--instance URL[,events=ENDPOINT][,replay=ENDPOINT][,admin=URL] (repeatable).",
+    )
+    router.add_argument("--instance", action="append", default=[], metavar="URL[,events=EP,replay=EP,admin=URL]")
+    router.add_argument("--host", help="listen address (router.host)")
+    router.add_argument("--port", type=int, help="listen port (router.port)")
+    router.add_argument("--policy", choices=["kvtier", "round_robin"], help="router.policy")
     return p
+
+
+def _instance(spec: str) -> dict[str, str]:
+    url, *rest = spec.split(",")
+    out = {"url": url}
+    for part in rest:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("events", "replay", "admin"):
+            raise KvtierError(f"--instance {spec!r}: expected URL[,events=EP][,replay=EP][,admin=URL]")
+        out[key] = value
+    return out
+
+
+def _router(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from kvtier.config import RouterConfig
+    from kvtier.errors import ConfigError
+    from kvtier.router.proxy import create_app
+
+    config = load_config(args.config, overrides=_overrides(args)).router
+    update: dict = {}
+    if args.instance:
+        update["instances"] = [_instance(s) for s in args.instance]
+    for key in ("host", "port", "policy"):
+        if getattr(args, key) is not None:
+            update[key] = getattr(args, key)
+    try:
+        config = RouterConfig.model_validate({**config.model_dump(), **update})
+    except ValueError as exc:
+        raise ConfigError(f"router configuration: {exc}") from exc
+    if not config.instances:
+        raise ConfigError("kvtier router needs instances: --instance URL (or [[router.instances]] in --config)")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+def _admin_parser(sub: argparse._SubParsersAction) -> None:
+    admin = sub.add_parser("admin", help="talk to a running server's admin API ([admin] enabled)")
+    admin.add_argument("--url", default="http://127.0.0.1:8101", help="the admin API (default %(default)s)")
+    admin.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    admin.add_argument("--token-env", help="environment variable holding the bearer token")
+    ops = admin.add_subparsers(dest="admin_command", required=True)
+    ops.add_parser("health", help="is it up; its tiers and models")
+    ops.add_parser("stats", help="tier and engine counters")
+    for name, what in (("lookup", "matched tokens per tier"), ("pin", "pin a prefix"), ("unpin", "unpin a prefix")):
+        op = ops.add_parser(name, help=what)
+        _prompt_args(op, required=True)
+    clear = ops.add_parser("clear", help="remove chunks: --all, --tenant SALT (or --default-tenant), or a prefix")
+    scope = clear.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--all", action="store_true", help="every chunk of the tiers")
+    scope.add_argument("--tenant", metavar="CACHE_SALT", help="one tenant's chunks (a request cache_salt)")
+    scope.add_argument("--default-tenant", action="store_true", help="the chunks of requests without a cache_salt")
+    scope.add_argument("--prefix", action="store_true", help="the chunks covering --prompt/--token-ids")
+    _prompt_args(clear, required=False)
+    clear.add_argument("--tier", action="append", help="only this tier (repeatable)")
+
+
+def _prompt_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--prompt", help="prompt text (the server tokenizes it)")
+    src.add_argument("--token-ids", help="comma-separated token ids")
+    p.add_argument("--model", help="the model name (checked by the server)")
+    p.add_argument("--cache-salt", help="the tenant (a request cache_salt)")
+
+
+def _admin(args: argparse.Namespace) -> None:
+    from kvtier.admin.client import AdminClient
+    from kvtier.security import load_secret
+
+    try:
+        secret = load_secret(args.token_file, args.token_env)
+    except (OSError, ValueError) as exc:
+        raise KvtierError(f"admin token: {exc}") from exc
+    token = secret.value.decode() if secret is not None else None
+    client = AdminClient(args.url, token)
+    try:
+        body: dict = {}
+        if getattr(args, "prompt", None) is not None:
+            body["prompt"] = args.prompt
+        if getattr(args, "token_ids", None) is not None:
+            try:
+                body["token_ids"] = [int(t) for t in args.token_ids.split(",") if t.strip()]
+            except ValueError as exc:
+                raise KvtierError(f"--token-ids takes comma-separated integers: {exc}") from exc
+        for key in ("model", "cache_salt"):
+            if getattr(args, key, None) is not None:
+                body[key] = getattr(args, key)
+        cmd = args.admin_command
+        if cmd == "health":
+            out = client.health()
+        elif cmd == "stats":
+            out = client.stats()
+        elif cmd == "lookup":
+            out = client.lookup(body)
+        elif cmd in ("pin", "unpin"):
+            out = client.pin(body, pin=cmd == "pin")
+        else:
+            if args.tenant is not None:
+                body |= {"scope": "tenant", "cache_salt": args.tenant}
+            elif args.default_tenant:
+                body["scope"] = "tenant"
+            elif args.prefix:
+                body["scope"] = "prefix"
+            else:
+                body["scope"] = "all"
+            if args.tier:
+                body["tiers"] = args.tier
+            out = client.clear(body)
+        print(json.dumps(out, indent=2))
+    finally:
+        client.close()
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -142,10 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=False, soft_wrap=True)  # paths and URLs stay on one line
     try:
+        if args.command == "admin":  # talks to a server: no local config
+            _admin(args)
+            return 0
         config = _config(args)
         logging.basicConfig(level=config.log_level, format="%(levelname)s %(name)s: %(message)s")
         if args.command == "serve":
             _serve(args, config)
+        elif args.command == "router":
+            _router(args)
         elif args.command == "demo":
             from kvtier.demo import run_demo
 

@@ -22,7 +22,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvtier.errors import ConfigError
 
@@ -113,6 +122,11 @@ class L2Config(_Frozen):
     fsync: bool = False
     codec: CodecSpec = Field(default="raw", description="codec of chunk files, e.g. int8+zstd")
     policy: EvictionPolicyName = Field(default="adaptive", description="eviction order (docs/eviction.md)")
+    shared_group: str | None = Field(
+        default=None,
+        min_length=1,
+        description="open the chunk folder to this group (2770/0660); default: private to its owner (0700/0600)",
+    )
 
 
 class L3Config(_Frozen):
@@ -130,7 +144,36 @@ class L3Config(_Frozen):
     timeout_s: float = Field(default=0.5, gt=0, description="bound on every Redis call")
     max_connections: int = Field(default=16, gt=0)
     retry_interval_s: float = Field(default=2.0, ge=0, description="after a failure, skip Redis this long")
+    lookup_deadline_s: float | None = Field(
+        default=0.5, gt=0, description="with l3 on: bound on one engine lookup (the prefix found so far counts)"
+    )
+    retrieve_deadline_s: float | None = Field(
+        default=2.0, gt=0, description="with l3 on: bound on one engine retrieve (the prefix read so far is returned)"
+    )
     codec: CodecSpec = Field(default="raw", description="codec of chunk values, e.g. int8+zstd")
+    # access control (docs/security.md): an ACL user, its password from a file or the environment, TLS files
+    username: str | None = Field(default=None, min_length=1, description="ACL user (default: the URL's, or none)")
+    password_file: Path | None = Field(default=None, description="file holding the Redis password")
+    password_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
+    tls_ca_file: Path | None = Field(default=None, description="rediss://: CA bundle that signed the server's cert")
+    tls_cert_file: Path | None = Field(default=None, description="rediss://: client certificate (mutual TLS)")
+    tls_key_file: Path | None = Field(default=None, description="rediss://: the client certificate's key")
+
+    @model_validator(mode="after")
+    def _access(self) -> L3Config:
+        from kvtier.storage.urls import parse_redis_url
+
+        target = parse_redis_url(self.url)
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("give l3.password_file or l3.password_env, not both")
+        if (self.password_file is not None or self.password_env is not None) and target.password is not None:
+            raise ValueError("the Redis password is both in l3.url and in l3.password_file/password_env")
+        tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(f is not None for f in tls_files) and not target.tls:
+            raise ValueError("l3.tls_* files need a rediss:// URL (TLS)")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("l3.tls_cert_file and l3.tls_key_file go together")
+        return self
 
 
 class VllmConfig(_Frozen):
@@ -145,6 +188,112 @@ class VllmConfig(_Frozen):
         default=ByteSize(2 * 10**9),
         description="KV of finished requests waiting to be copied out of vLLM's blocks; beyond it stores are dropped",
     )
+
+
+class SecurityConfig(_Frozen):
+    """``[security]``: the secret that signs chunks on shared tiers (node, l2, l3). See docs/security.md.
+
+    The secret comes from a file (``secret_file``, whitespace stripped) or an
+    environment variable (``secret_env``, its name here, never its value), at
+    least 16 bytes. Rotation: set the new secret and list the previous ones in
+    ``old_secret_files``/``old_secret_envs``: chunks they signed stay readable,
+    new chunks are signed with the new one.
+    """
+
+    secret_file: Path | None = Field(default=None, description="file holding the chunk-signing secret")
+    secret_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
+    old_secret_files: tuple[Path, ...] = Field(default=(), description="previous secrets still accepted on read")
+    old_secret_envs: tuple[str, ...] = Field(default=(), description="variables holding previous secrets")
+
+    @field_validator("old_secret_files", "old_secret_envs", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """From a flag or the environment a list comes as one string: ``a,b`` (or a JSON list)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecurityConfig:
+        if self.secret_file is not None and self.secret_env is not None:
+            raise ValueError("give security.secret_file or security.secret_env, not both")
+        if (self.old_secret_files or self.old_secret_envs) and self.secret_file is None and self.secret_env is None:
+            raise ValueError("old secrets are listed but no current secret (security.secret_file or secret_env)")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self.secret_file is not None or self.secret_env is not None
+
+
+class EventsConfig(_Frozen):
+    """``[events]``: publish each tier's chunk stores and removals as vLLM KV events over ZMQ. Off unless enabled.
+
+    Only a process that writes the tiers publishes (vLLM's worker, not its scheduler). ``endpoint`` is
+    bound (port 0: a free one); with ``connect`` it is connected instead (to a consumer's bound socket).
+    Events carry token ids: bind beyond localhost only on a trusted network.
+    """
+
+    enabled: bool = False
+    endpoint: str = Field(default="tcp://127.0.0.1:5557", pattern=r"^(tcp|ipc|inproc)://.+$")
+    replay_endpoint: str | None = Field(default=None, pattern=r"^(tcp|ipc|inproc)://.+$")
+    topic: str = Field(default="", description="first frame of every message (vLLM's default: empty)")
+    connect: bool = False
+    buffer_steps: int = Field(default=10_000, gt=0, description="batches kept for replay")
+    max_queue: int = Field(default=100_000, gt=0, description="reports waiting for the publisher; beyond: dropped")
+    hwm: int = Field(default=100_000, gt=0, description="ZMQ high-water mark of the PUB socket")
+
+
+class AdminConfig(_Frozen):
+    """``[admin]``: the admin HTTP API (lookup, pin/unpin, clear, stats, health) on its own port. Off unless enabled.
+
+    Runs in the process that holds the engine (under ``kvtier serve``: vLLM's worker). A bearer
+    token (from ``token_file`` or the variable ``token_env``; never inline) is required whenever
+    ``host`` is not a loopback address: the server refuses to start otherwise.
+    """
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8101, ge=0, le=65535)
+    token_file: Path | None = None
+    token_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RouterInstance(_Frozen):
+    """One instance behind ``kvtier router``: its OpenAI URL, and where it publishes KV events / its admin API."""
+
+    url: str = Field(pattern=r"^https?://.+$")
+    events: str | None = Field(default=None, pattern=r"^(tcp|ipc)://.+$", description="its [events] endpoint")
+    replay: str | None = Field(default=None, pattern=r"^(tcp|ipc)://.+$", description="its replay endpoint")
+    admin: str | None = Field(default=None, pattern=r"^https?://.+$", description="its admin API (a fallback index)")
+
+
+class RouterConfig(_Frozen):
+    """``[router]``: ``kvtier router``, the KV-aware, load-aware front over several instances.
+
+    An instance's score is ``hit - beta * (load - least load)``: ``hit`` the share of the prompt its
+    own tiers hold (plus ``shared_credit`` times the further share only the shared Redis tier holds),
+    ``load`` its requests in flight plus its queued prefill tokens / ``prefill_norm_tokens``.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    instances: list[RouterInstance] = Field(default_factory=list)
+    policy: Literal["kvtier", "round_robin"] = "kvtier"
+    beta: float = Field(default=0.25, ge=0, description="score cost of one more request in flight")
+    shared_credit: float = Field(default=0.5, ge=0, le=1, description="weight of tokens held only in l3")
+    prefill_norm_tokens: int = Field(default=2048, gt=0, description="queued prefill tokens worth one request")
+    local_media: list[str] = Field(default_factory=lambda: ["l1", "node", "l2"])
+    shared_media: list[str] = Field(default_factory=lambda: ["l3"])
+    stale_after_s: float = Field(default=30.0, gt=0, description="an index unrepaired after a gap this long: stale")
+    health_interval_s: float = Field(default=1.0, gt=0)
+    health_timeout_s: float = Field(default=1.0, gt=0)
+    unhealthy_after: int = Field(default=2, gt=0, description="failed health checks in a row that drop an instance")
+    tokenize_timeout_s: float = Field(default=2.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class KvtierConfig(_Frozen):
@@ -164,6 +313,10 @@ class KvtierConfig(_Frozen):
     l2: L2Config = L2Config()
     l3: L3Config = L3Config()
     vllm: VllmConfig = VllmConfig()
+    security: SecurityConfig = SecurityConfig()
+    events: EventsConfig = EventsConfig()
+    admin: AdminConfig = AdminConfig()
+    router: RouterConfig = RouterConfig()
 
     @property
     def chunk_dir(self) -> Path:

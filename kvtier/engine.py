@@ -28,10 +28,12 @@ import torch
 
 from kvtier.chunk import Chunk
 from kvtier.config import KvtierConfig
+from kvtier.deadline import deadline_after, expired
 from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
 from kvtier.layout import KVSink, KVSource, TensorKV, assemble_layers
 from kvtier.metrics import KvtierMetrics
 from kvtier.storage import TierAccess, TierStack, build_tiers
+from kvtier.storage.tiers import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +88,54 @@ class RetrieveResult:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What a ``store`` call did: chunks written (or queued), already present, refused.
+    """What a ``store`` call did: chunks written (or queued), already present, refused, per tier.
 
-    ``rejected_chunks`` counts chunks the synchronous tier refused (full) or
-    a full write-behind queue dropped; a background write that fails later is
-    counted by the tier (its ``rejected_puts``/errors), not here.
+    ``rejected_chunks`` counts chunks the first writable tier refused (full),
+    or, when that tier is written in the background, that a full write-behind
+    queue dropped. Every tier's refusals: ``rejected_by_tier`` holds the
+    synchronous tiers' (``l1``, ``node``: known when ``store`` returns; tiers
+    that took everything are left out), ``dropped_chunks`` what a full queue
+    dropped for the background tiers (``l2``, ``l3``), and ``pending`` the
+    queued writes, whose outcome is known once they ran:
+    :meth:`background_rejected` (or ``None`` while :attr:`is_pending`).
     """
 
     stored_chunks: int
     skipped_chunks: int
     stored_tokens: int
     rejected_chunks: int
+    rejected_by_tier: Mapping[str, int] = field(default_factory=dict)
+    dropped_chunks: int = 0
+    pending: tuple[WriteBehind, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def is_pending(self) -> bool:
+        """Whether some background write of this store has not run yet."""
+        return any(not p.done for p in self.pending)
+
+    def background_rejected(self, timeout: float | None = 0.0) -> dict[str, int] | None:
+        """Chunks each background tier did not store (tiers with none left out), waiting up to ``timeout``
+        seconds (None: as long as it takes); None if some write is still pending then."""
+        out: Counter[str] = Counter()
+        for p in self.pending:
+            if not p.wait(timeout):
+                return None
+            out.update(p.rejected)
+        return dict(out)
+
+    def combine(self, later: StoreResult) -> StoreResult:
+        """This store followed by ``later`` (of a longer sequence): counts added, ``later``'s skips kept."""
+        by_tier = Counter(self.rejected_by_tier)
+        by_tier.update(later.rejected_by_tier)
+        return StoreResult(
+            self.stored_chunks + later.stored_chunks,
+            later.skipped_chunks,
+            self.stored_tokens + later.stored_tokens,
+            self.rejected_chunks + later.rejected_chunks,
+            dict(by_tier),
+            self.dropped_chunks + later.dropped_chunks,
+            self.pending + later.pending,
+        )
 
 
 @dataclass(frozen=True)
@@ -112,22 +151,39 @@ class EngineStats:
     invalid_chunks: Mapping[str, int]
     dropped_writes: int
     write_errors: int
+    deadline_exceeded: Mapping[str, int] = field(default_factory=dict)  # op ("lookup", "retrieve") -> calls
 
 
 class CacheEngine:
     """Prefix KV cache over a :class:`TierStack`, for one namespace (model + layout + tenant)."""
 
     def __init__(
-        self, namespace: Namespace, tiers: TierStack, *, chunk_size: int = 256, store_partial: bool = True
+        self,
+        namespace: Namespace,
+        tiers: TierStack,
+        *,
+        chunk_size: int = 256,
+        store_partial: bool = True,
+        lookup_deadline_s: float | None = None,
+        retrieve_deadline_s: float | None = None,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        for name, value in (("lookup_deadline_s", lookup_deadline_s), ("retrieve_deadline_s", retrieve_deadline_s)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value}")
+        self.lookup_deadline_s = lookup_deadline_s
+        self.retrieve_deadline_s = retrieve_deadline_s
         self.namespace = namespace
         self.layout = namespace.layout
         self.tiers = tiers
         self.chunk_size = chunk_size
         self.store_partial = store_partial
         self.metrics = tiers.metrics
+        if tiers.policy is not None:  # the shared tiers accept (and, with a secret, sign) this namespace's chunks
+            # the layout a chunk header records (the attention windows are in the digest)
+            tiers.policy.register(namespace.digest, namespace.tenant, self.layout.payload, chunk_size)
+        tiers.events.namespace(namespace.digest, namespace.tenant)  # root chunks' events carry the cache_salt
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()
@@ -148,7 +204,15 @@ class CacheEngine:
         Raises ValueError if ``config`` and ``access`` leave no tier.
         """
         tiers = build_tiers(config, access, metrics=metrics)
-        return cls(namespace, tiers, chunk_size=config.chunk_size, store_partial=config.store_partial)
+        remote = config.l3.enabled  # the deadlines bound remote tiers; local ones answer within their I/O
+        return cls(
+            namespace,
+            tiers,
+            chunk_size=config.chunk_size,
+            store_partial=config.store_partial,
+            lookup_deadline_s=config.l3.lookup_deadline_s if remote else None,
+            retrieve_deadline_s=config.l3.retrieve_deadline_s if remote else None,
+        )
 
     def start(self) -> CacheEngine:
         self.tiers.start()
@@ -195,14 +259,23 @@ class CacheEngine:
             counts[self.tiers.names[where]] += max(0, min(span.end, limit) - max(span.start, start))
         return counts
 
+    def _deadline(self, op: str, seconds: float | None) -> _DeadlineScope:
+        return _DeadlineScope(self, op, seconds)
+
     @_timed("lookup")
-    def lookup(self, tokens: Tokens, *, max_tokens: int | None = None) -> LookupResult:
+    def lookup(self, tokens: Tokens, *, max_tokens: int | None = None, deadline_s: float | None = None) -> LookupResult:
         """How many leading tokens of ``tokens`` (at most ``max_tokens``) can be retrieved, and from where.
 
-        Reads only the tiers' in-memory indexes; changes no recency. A later
-        ``retrieve`` may still return fewer tokens if a chunk is evicted or
-        proves corrupt in between.
+        Reads only the tiers' indexes (Redis: EXISTS); changes no recency. A
+        later ``retrieve`` may still return fewer tokens if a chunk is evicted
+        or proves corrupt in between. ``deadline_s`` (default: the engine's
+        ``lookup_deadline_s``) bounds the call: past it, the prefix located so
+        far is the answer, and ``kvtier_deadline_exceeded{op="lookup"}`` counts it.
         """
+        with self._deadline("lookup", deadline_s if deadline_s is not None else self.lookup_deadline_s):
+            return self._lookup(tokens, max_tokens)
+
+    def _lookup(self, tokens: Tokens, max_tokens: int | None) -> LookupResult:
         arr = _tokens(tokens)
         limit = len(arr) if max_tokens is None else max(0, min(max_tokens, len(arr)))
         plan = self._plan(arr)
@@ -220,6 +293,7 @@ class CacheEngine:
         start: int = 0,
         out: torch.Tensor | None = None,
         sink: KVSink | None = None,
+        deadline_s: float | None = None,
     ) -> RetrieveResult:
         """KV for the longest cached prefix of ``tokens`` (at most ``max_tokens`` tokens).
 
@@ -241,7 +315,23 @@ class CacheEngine:
         order (no prefix-sized temporary), ``layers`` is empty, and a sink that
         returns False ends the prefix there (``num_tokens`` is what it took).
         ``out`` and ``sink`` exclude each other.
+
+        ``deadline_s`` (default: the engine's ``retrieve_deadline_s``) bounds
+        the lookup and the reads: a remote read still running at the deadline
+        is cut off, and the prefix read before it is returned (counted in
+        ``kvtier_deadline_exceeded{op="retrieve"}``).
         """
+        with self._deadline("retrieve", deadline_s if deadline_s is not None else self.retrieve_deadline_s):
+            return self._retrieve(tokens, max_tokens, start, out, sink)
+
+    def _retrieve(
+        self,
+        tokens: Tokens,
+        max_tokens: int | None,
+        start: int,
+        out: torch.Tensor | None,
+        sink: KVSink | None,
+    ) -> RetrieveResult:
         if out is not None and sink is not None:
             raise ValueError("retrieve takes out or sink, not both")
         arr = _tokens(tokens)
@@ -297,6 +387,11 @@ class CacheEngine:
             done = hi
         return done
 
+    def _count_deadline(self, op: str) -> None:
+        with self._lock:
+            self._counts[f"deadline_{op}"] += 1
+        self.metrics.deadline_exceeded.labels(op).inc()
+
     def _count_invalid(self, reason: str) -> None:
         with self._lock:
             self._invalid[reason] += 1
@@ -336,11 +431,19 @@ class CacheEngine:
             )
             for s in new
         ]
-        accepted = self.tiers.put(chunks)
+        put = self.tiers.put_chunks(chunks)
         with self._lock:
             self._counts["stored_chunks"] += len(chunks)
             self._counts["skipped_chunks"] += len(spans) - len(new)
-        return StoreResult(len(chunks), len(spans) - len(new), sum(s.num_tokens for s in new), len(chunks) - accepted)
+        return StoreResult(
+            len(chunks),
+            len(spans) - len(new),
+            sum(s.num_tokens for s in new),
+            len(chunks) - put.accepted,
+            put.rejected,
+            put.dropped,
+            (put.pending,) if put.pending is not None else (),
+        )
 
     # -- inspection --------------------------------------------------------------------------------------------
 
@@ -356,7 +459,30 @@ class CacheEngine:
                 invalid_chunks=dict(self._invalid),
                 dropped_writes=self.tiers.dropped_writes,
                 write_errors=self.tiers.write_errors,
+                deadline_exceeded={
+                    op: self._counts[f"deadline_{op}"]
+                    for op in ("lookup", "retrieve")
+                    if self._counts[f"deadline_{op}"]
+                },
             )
+
+
+class _DeadlineScope:
+    """The deadline scope of one engine call; counts the call when the deadline had passed by its end."""
+
+    def __init__(self, engine: CacheEngine, op: str, seconds: float | None) -> None:
+        self._engine, self._op = engine, op
+        self._scope = deadline_after(seconds)
+
+    def __enter__(self) -> None:
+        self._scope.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if expired():
+                self._engine._count_deadline(self._op)
+        finally:
+            self._scope.__exit__(*exc)
 
 
 def _tokens(tokens: Tokens) -> np.ndarray:

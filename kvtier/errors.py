@@ -18,6 +18,10 @@ class ModelError(KvtierError):
     """A model could not be found, converted or loaded."""
 
 
+class UnsupportedModelError(ModelError, ValueError):
+    """A model of a family or attention kind kvtier cannot cache exactly; the message names the reason."""
+
+
 class ChunkFormatError(KvtierError):
     """Bytes that claim to be a chunk are not a valid chunk (bad magic, header, length or checksum)."""
 
@@ -32,4 +36,13 @@ class ChunkVersionError(ChunkFormatError):
     Raised for chunks written by an older kvtier (format 1, the JSON header) or
     a newer one. A cache holds nothing that cannot be recomputed, so such a
     chunk is a miss, counted apart from corruption: no reader for old formats.
+    """
+
+
+class ChunkAuthError(ChunkFormatError):
+    """A chunk read from a shared tier is not authenticated for this process (issue 15).
+
+    It carries no valid MAC of its tenant's key (forged, written without the
+    secret, or by another tenant), or it claims a namespace no engine of this
+    process uses. A counted miss (``forged``), never decoded.
     """

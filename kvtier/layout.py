@@ -30,15 +30,26 @@ _DTYPES: dict[str, torch.dtype] = {
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
-    """Shape and dtype of a model's attention KV, independent of any engine.
+    """Shape and dtype of a model's attention KV, and each layer's attention kind, independent of any engine.
 
     Part of every chunk's namespace: chunks of different layouts never mix.
+
+    ``windows`` says each layer's attention kind: ``windows[l] == 0`` is full
+    (causal) attention, ``windows[l] == w > 0`` a sliding window in which a
+    token sees itself and the ``w - 1`` tokens before it (transformers' and
+    vLLM's ``sliding_window``). ``None`` (or all zeros, normalised to ``None``)
+    means every layer is full attention; only then is the namespace exactly the
+    one full-attention models have always had, so their keys never change.
+    A chunk always holds every layer's KV for its tokens (the payload shape
+    does not depend on the windows); see docs/models.md for what a sliding
+    layer could leave out.
     """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: str = "float32"
+    windows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -47,6 +58,28 @@ class KVLayout:
                 raise ValueError(f"KVLayout.{name} must be a positive int, got {value!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"KVLayout.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.windows is not None:
+            windows = tuple(self.windows)
+            if len(windows) != self.num_layers or any(not isinstance(w, int) or w < 0 for w in windows):
+                raise ValueError(
+                    f"KVLayout.windows must be {self.num_layers} ints >= 0 (0: full attention), got {self.windows!r}"
+                )
+            object.__setattr__(self, "windows", windows if any(windows) else None)
+
+    @property
+    def has_sliding(self) -> bool:
+        """Whether any layer attends through a sliding window."""
+        return self.windows is not None
+
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """Each layer's attention kind: ``"full"`` or ``"sliding"``."""
+        return tuple("sliding" if w else "full" for w in self.windows or (0,) * self.num_layers)
+
+    @property
+    def payload(self) -> KVLayout:
+        """This layout without the attention kinds: what a chunk's header records and its payload's shape."""
+        return self if self.windows is None else KVLayout(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -62,29 +95,42 @@ class KVLayout:
         """Shape of a chunk payload holding ``num_tokens`` tokens: [L, 2, H, T, D]."""
         return (self.num_layers, 2, self.num_kv_heads, num_tokens, self.head_dim)
 
-    def to_dict(self) -> dict[str, int | str]:
-        return {
+    def to_dict(self) -> dict[str, int | str | list[int]]:
+        """The canonical form hashed into the namespace; ``windows`` appears only when a layer slides."""
+        out: dict[str, int | str | list[int]] = {
             "num_layers": self.num_layers,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "dtype": self.dtype,
         }
+        if self.windows is not None:
+            out["windows"] = list(self.windows)
+        return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, int | str]) -> KVLayout:
+    def from_dict(cls, data: dict[str, int | str | list[int]]) -> KVLayout:
+        windows = data.get("windows")
         return cls(
-            num_layers=int(data["num_layers"]),
-            num_kv_heads=int(data["num_kv_heads"]),
-            head_dim=int(data["head_dim"]),
+            num_layers=int(data["num_layers"]),  # type: ignore[arg-type]
+            num_kv_heads=int(data["num_kv_heads"]),  # type: ignore[arg-type]
+            head_dim=int(data["head_dim"]),  # type: ignore[arg-type]
             dtype=str(data["dtype"]),
+            windows=tuple(int(w) for w in windows) if isinstance(windows, list) else None,
         )
 
     @classmethod
-    def from_torch_dtype(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> KVLayout:
+    def from_torch_dtype(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        windows: Sequence[int] | None = None,
+    ) -> KVLayout:
         names = {v: k for k, v in _DTYPES.items()}
         if dtype not in names:
             raise ValueError(f"unsupported KV dtype {dtype}; supported: {sorted(_DTYPES)}")
-        return cls(num_layers, num_kv_heads, head_dim, names[dtype])
+        return cls(num_layers, num_kv_heads, head_dim, names[dtype], tuple(windows) if windows is not None else None)
 
 
 @runtime_checkable

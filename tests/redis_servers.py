@@ -177,10 +177,15 @@ class BlackHoleProxy:
     clients send, but forwards nothing and answers nothing, on new and
     existing connections alike: a client sees a peer that hangs, not one
     that refuses. ``stop`` closes everything.
+
+    ``reply_delay_s``: every piece of data the server sends is held this
+    long before it is passed on (a slow server that still answers within a
+    client's socket timeout). Settable while running.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, reply_delay_s: float = 0.0) -> None:
         self.target_port = target_port
+        self.reply_delay_s = reply_delay_s
         self.black_hole = threading.Event()
         self._stop = threading.Event()
         self._listener = socket.create_server((HOST, 0))
@@ -228,9 +233,9 @@ class BlackHoleProxy:
                 client.close()
                 continue
             self._spawn(self._pump, client, upstream)
-            self._spawn(self._pump, upstream, client)
+            self._spawn(self._pump, upstream, client, True)
 
-    def _pump(self, src: socket.socket, dst: socket.socket | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket | None, reply: bool = False) -> None:
         while not self._stop.is_set():
             try:
                 if not select.select([src], [], [], 0.05)[0]:
@@ -242,6 +247,8 @@ class BlackHoleProxy:
                 break
             if dst is None or self.black_hole.is_set():
                 continue  # swallowed
+            if reply and self.reply_delay_s:
+                time.sleep(self.reply_delay_s)
             try:
                 dst.sendall(data)
             except OSError:

@@ -311,7 +311,13 @@ def test_planted_wrong_chunk_is_rejected_and_discarded(
     assert engine.lookup(tokens).num_tokens == C  # the index only knows the key
     result = engine.retrieve(tokens)
     assert (result.num_tokens, result.layers) == (0, [])
-    assert engine.stats().invalid_chunks == {reason: 1}
+    if tier == 1 and reason != "tokens":
+        # a shared tier's chunk policy refuses another namespace or layout from the header, before decoding
+        stats = engine.tiers.tiers[tier].stats()
+        assert (stats.forged, stats.corrupt) == ((1, 0) if reason == "namespace" else (0, 1))
+        assert engine.stats().invalid_chunks == {}
+    else:
+        assert engine.stats().invalid_chunks == {reason: 1}
     assert engine.tiers.locate([chunk.key]) == [None]  # discarded from every tier
     assert engine.lookup(tokens).num_tokens == 0
     kv = _kv(layout, 40)
@@ -325,17 +331,18 @@ def test_other_model_chunk_in_shared_directory_is_never_returned(make_engine: En
     tokens, kv = _tokens(32), _kv(layout, 32)
     a = make_engine(model_a)
     a.store(tokens, kv)
+    a.flush()
+    a_chunk = _disk(a).get([chunk_spans(model_a, tokens, C)[0].key])[0]
     a.close()
     b = make_engine(model_b)
     assert b.lookup(tokens).num_tokens == 0  # different namespaces never share keys
-    a_chunk = _disk(b).get([chunk_spans(model_a, tokens, C)[0].key])[0]
     assert a_chunk is not None and a_chunk.namespace == model_a.digest
     b_key = chunk_spans(model_b, tokens, C)[0].key
     forged = Chunk(b_key, None, a_chunk.namespace, a_chunk.layout, a_chunk.tokens, a_chunk.payload)
     assert _disk(b).put([forged]) == [True]
     result = b.retrieve(tokens)
     assert result.num_tokens == 0
-    assert b.stats().invalid_chunks == {"namespace": 1}
+    assert _disk(b).stats().forged == 1  # refused from its header: model A's namespace is not b's
     assert _disk(b).contains([b_key]) == [False]
 
 
@@ -405,7 +412,7 @@ def test_chunks_larger_than_l1_are_counted_rejections(make_engine: EngineFactory
     tokens, kv = _tokens(100), _kv(layout, 100)
     # six full chunks (2112 bytes each) do not fit; the 4-token partial (528 bytes) would, but its
     # parent was refused, so storing it would only waste room: refused too
-    assert engine.store(tokens, kv) == StoreResult(7, 0, 100, 7)
+    assert engine.store(tokens, kv) == StoreResult(7, 0, 100, 7, {"l1": 7})
     assert engine.lookup(tokens).num_tokens == 0
 
 

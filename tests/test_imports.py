@@ -40,11 +40,13 @@ LAYERS: dict[str, int] = {
     # 6: what sits on the core: engine adapters, maintenance, the package's re-exports
     "kvtier.adapters": 6,
     "kvtier.maintenance": 6,
+    "kvtier.admin": 6,
     "kvtier": 6,
     # 7: entry points
     "kvtier.demo": 7,
     "kvtier.serve": 7,
     "kvtier.cli": 7,
+    "kvtier.router": 7,
 }
 
 # Third-party packages only some modules may import (prefixes of module names).

@@ -282,3 +282,19 @@ def test_keys_identical_across_processes_and_hash_seeds() -> None:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert out.split() == expected, f"PYTHONHASHSEED={seed}"
+
+
+def test_attention_windows_in_the_namespace_only_when_a_layer_slides() -> None:
+    full = KVLayout(2, 2, 4)
+    assert KVLayout(2, 2, 4, windows=(0, 0)) == full and full.windows is None  # all-full normalises away
+    assert full.to_dict() == {"num_layers": 2, "num_kv_heads": 2, "head_dim": 4, "dtype": "float32"}
+    assert Namespace("m", KVLayout(2, 2, 4, windows=(0, 0))).digest == Namespace("m", full).digest
+    sliding = KVLayout(2, 2, 4, windows=(32, 0))
+    other = KVLayout(2, 2, 4, windows=(64, 0))
+    digests = {Namespace("m", layout).digest for layout in (full, sliding, other)}
+    assert len(digests) == 3  # a different window is a different namespace
+    assert sliding.attention_kinds == ("sliding", "full") and sliding.payload == full
+    assert KVLayout.from_dict(sliding.to_dict()) == sliding
+    for bad in ((32,), (32, -1), (32, 1.5)):
+        with pytest.raises(ValueError, match="windows"):
+            KVLayout(2, 2, 4, windows=bad)  # type: ignore[arg-type]

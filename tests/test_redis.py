@@ -40,6 +40,7 @@ from kvtier.config import KvtierConfig, L3Config, load_config
 from kvtier.engine import CacheEngine
 from kvtier.keys import ChunkKey, Namespace, chunk_spans
 from kvtier.layout import KVLayout
+from kvtier.errors import StorageError
 from kvtier.storage import StorageBackend
 from kvtier.storage.redis import RedisBackend
 
@@ -184,7 +185,15 @@ class TestBackendContract:
         assert RedisBackend(L3Config(key_prefix="p"), tenant=None).redis_key(key) == b"p:_:" + key.hex().encode()
         # not started: misses, no I/O, no errors
         assert backend.contains([key]) == [False]
-        assert backend.counters() == {"errors": 0, "skipped": 0, "corrupt": 0, "stale": 0, "rejected": 0}
+        assert backend.counters() == {
+            "errors": 0,
+            "skipped": 0,
+            "corrupt": 0,
+            "stale": 0,
+            "rejected": 0,
+            "forged": 0,
+            "deadline": 0,
+        }
 
     def test_the_config_is_the_one_validation(self) -> None:
         from pydantic import ValidationError
@@ -239,7 +248,15 @@ class TestBackendContract:
         assert backend.clear() == 0
         assert backend.put([other]) == [True]
         _assert_same(backend.get([other.key])[0], other)
-        assert backend.counters() == {"errors": 0, "skipped": 0, "corrupt": 0, "stale": 0, "rejected": 0}
+        assert backend.counters() == {
+            "errors": 0,
+            "skipped": 0,
+            "corrupt": 0,
+            "stale": 0,
+            "rejected": 0,
+            "forged": 0,
+            "deadline": 0,
+        }
 
     @pytest.mark.parametrize("codec", ["raw", "raw+zstd"])
     def test_get_shares_the_received_bytes_only_with_the_raw_codec(
@@ -283,7 +300,15 @@ class TestBackendContract:
         with server.client() as client:
             client.set(reader.redis_key(keys[0]), b"garbage")
         assert reader.get(keys)[0] is None  # a corrupt value is a counted miss, but stays
-        assert reader.counters() == {"errors": 0, "skipped": 0, "corrupt": 1, "stale": 0, "rejected": 0}
+        assert reader.counters() == {
+            "errors": 0,
+            "skipped": 0,
+            "corrupt": 1,
+            "stale": 0,
+            "rejected": 0,
+            "forged": 0,
+            "deadline": 0,
+        }
         assert _scan(server) == {reader.redis_key(k) for k in keys}
 
     def test_value_in_an_older_format_is_a_stale_miss(self, url: str, server: RedisServer, make_backend, make_chain):
@@ -297,7 +322,15 @@ class TestBackendContract:
         got = backend.get(keys)
         _assert_same(got[0], chain[0])
         assert got[1] is None
-        assert backend.counters() == {"errors": 0, "skipped": 0, "corrupt": 0, "stale": 1, "rejected": 0}
+        assert backend.counters() == {
+            "errors": 0,
+            "skipped": 0,
+            "corrupt": 0,
+            "stale": 1,
+            "rejected": 0,
+            "forged": 0,
+            "deadline": 0,
+        }
         assert backend.stats().stale == 1
         assert _scan(server) == {backend.redis_key(keys[0])}
 
@@ -313,7 +346,15 @@ class TestBackendContract:
         backend = make_backend(url, codec=get_codec("int8"))
         assert backend.put([chain[0], bad, chain[2]]) == [True, False, True]
         assert backend.contains([c.key for c in chain]) == [True, False, True]
-        assert backend.counters() == {"errors": 0, "skipped": 0, "corrupt": 0, "stale": 0, "rejected": 1}
+        assert backend.counters() == {
+            "errors": 0,
+            "skipped": 0,
+            "corrupt": 0,
+            "stale": 0,
+            "rejected": 1,
+            "forged": 0,
+            "deadline": 0,
+        }
         assert backend.stats().rejected_puts == 1
 
     def test_a_full_redis_rejects_puts_without_opening_the_breaker(
@@ -376,7 +417,15 @@ class TestBackendContract:
         for t in threads:
             t.join()
         assert failures == []
-        assert backend.counters() == {"errors": 0, "skipped": 0, "corrupt": 0, "stale": 0, "rejected": 0}
+        assert backend.counters() == {
+            "errors": 0,
+            "skipped": 0,
+            "corrupt": 0,
+            "stale": 0,
+            "rejected": 0,
+            "forged": 0,
+            "deadline": 0,
+        }
 
     def test_password_and_acl_user_in_the_url(self, tmp_path: Path, make_backend, make_chain) -> None:
         chunk = make_chain(_tokens(4, 4))[0]
@@ -387,9 +436,8 @@ class TestBackendContract:
             alice = make_backend(f"redis://alice:wonder%23land@{base}")
             assert alice.contains([chunk.key]) == [True]
             _assert_same(alice.get([chunk.key])[0], chunk)
-            wrong = make_backend(f"redis://alice:nope@{base}")
-            assert wrong.contains([chunk.key]) == [False]
-            assert wrong.counters()["errors"] == 1  # the failed start() PING; the breaker then skipped contains
+            with pytest.raises(StorageError, match="authentication failed"):  # a start-up error, not silent misses
+                make_backend(f"redis://alice:nope@{base}")
             outsider = make_backend(f"redis://alice:wonder%23land@{base}", key_prefix="other")  # ACL: ~kvt:* only
             assert outsider.put([chunk]) == [False]
             assert outsider.counters()["errors"] == 1
@@ -568,8 +616,8 @@ def test_another_namespaces_chunk_under_a_valid_key_is_never_served(
     assert engine.lookup(tokens).num_tokens == C  # EXISTS cannot tell; the read must
     hit = engine.retrieve(tokens)
     assert (hit.num_tokens, hit.layers) == (0, [])
-    assert engine.stats().invalid_chunks == {"namespace": 1}
-    assert _scan(server) == set()  # the engine discarded it
+    assert _redis(engine).stats().forged == 1  # refused from its header: not this engine's namespace
+    assert _scan(server) == set()  # the tier dropped it
 
 
 # -- tenants -----------------------------------------------------------------------------------------------------

@@ -148,3 +148,15 @@ def test_vllm_logging_env_adds_a_kvtier_logger_to_vllms_config(tmp_path):
     # The user's own file, or vLLM's logging set-up turned off (a file would then be refused): left alone.
     for mine in ({"VLLM_LOGGING_CONFIG_PATH": "/mine.json"}, {"VLLM_CONFIGURE_LOGGING": "0"}):
         assert vllm_logging_env(config, mine) == mine
+
+
+def test_shared_tiers_without_a_secret_are_warned_about_and_a_secret_never_shows(printed, tmp_path, monkeypatch):
+    rc, _, err = printed("--set", "node.enabled=false")
+    assert rc == 0 and "shared tiers l2 are on without a chunk-signing secret" in err
+    value = "kvtier-serve-secret-" + "z" * 24
+    monkeypatch.setenv("KVT_TEST_SECRET", value)
+    rc, argv, err = printed("--set", "node.enabled=false", "--set", "security.secret_env=KVT_TEST_SECRET")
+    assert rc == 0 and "chunk-signing secret" not in err
+    assert value not in " ".join(argv) + err and "KVT_TEST_SECRET" in " ".join(argv)
+    rc, argv, err = printed("--set", "node.enabled=false", "--set", "security.secret_env=KVT_UNSET_SECRET")
+    assert rc == 2 and argv == [] and "KVT_UNSET_SECRET is unset" in err

@@ -3,7 +3,8 @@
 Used by tests/test_vllm.py in a subprocess (vLLM spawns its own processes and
 must run under ``if __name__ == "__main__"``). Input (argv[1], JSON): ``{"model": DIR,
 "kvtier": null | {"set": {...}}, "requests": [{"tokens": [...], "cache_salt": null, "max_tokens": 16}]}``.
-Requests run one at a time, in order. Output: ``{"outputs": [{"text", "token_ids", "num_cached_tokens"}]}``.
+Requests run one at a time, in order (``"after_s"``: wait that long before one).
+Output: ``{"outputs": [{"text", "token_ids", "num_cached_tokens"}]}``.
 
 ``"overlap": {"decode": {request}, "hit": {request}, "after": N}`` instead steps the engine by hand (in-process
 engine core): the decode request starts, the hit request is added once it has N tokens, and every step records
@@ -60,6 +61,10 @@ def main() -> None:
         return
     outputs = []
     for req in spec.get("requests", []):
+        if req.get("after_s"):  # give the connector's stores of the earlier requests time to land in the tiers
+            import time
+
+            time.sleep(float(req["after_s"]))
         prompt = TokensPrompt(prompt_token_ids=req["tokens"])
         if req.get("cache_salt") is not None:
             prompt["cache_salt"] = req["cache_salt"]

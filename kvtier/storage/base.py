@@ -25,13 +25,14 @@ is built (:class:`~kvtier.storage.builder.TierAccess`), not asked of it later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from kvtier.chunk import Chunk, encode
 from kvtier.codec import Codec
 from kvtier.keys import ChunkKey
+from kvtier.security import ChunkPolicy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class BackendStats:
     rejected_puts: int
     corrupt: int
     stale: int = 0  # entries in an older chunk format: a counted miss, removed by a writer
+    forged: int = 0  # entries the chunk policy refused (no valid MAC, or another namespace): a counted miss
     admission_refused: int = 0  # new chunks the tier's admission filter refused (also in rejected_puts)
 
 
@@ -83,6 +85,27 @@ def is_synchronous(backend: object) -> bool:
 
 def is_read_only(backend: object) -> bool:
     return isinstance(backend, ReadOnly) and backend.read_only
+
+
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a chunk's header says about it: its parent, namespace digest (tenant) and token ids."""
+
+    parent: ChunkKey | None
+    namespace: bytes
+    tokens: tuple[int, ...]
+
+
+@runtime_checkable
+class Inventoried(Protocol):
+    """A tier that can list what it holds, header by header (no body read): for admin clears by tenant or prefix."""
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]: ...
+
+
+RemovalListener = Callable[[Sequence[ChunkKey]], None]
+"""``on_removed``: a writable backend that removes chunks by itself (evictions, dropped corrupt or vanished
+files) calls it with their keys, if set (the stack sets it to report tier events). It must return at once."""
 
 
 @runtime_checkable
@@ -133,13 +156,13 @@ class StorageBackend(Protocol):
         ...
 
 
-def encode_or_none(chunk: Chunk, codec: Codec | None, tier: str) -> bytes | None:
+def encode_or_none(chunk: Chunk, codec: Codec | None, tier: str, policy: ChunkPolicy | None = None) -> bytes | None:
     """The stored form of ``chunk``, or None (logged) when ``codec`` cannot encode it (e.g. out-of-range values).
 
     A tier refuses such a chunk like a full one: the caller counts a rejected put.
     """
     try:
-        return encode(chunk, codec)
+        return encode(chunk, codec, policy=policy)
     except ValueError as exc:  # CodecError, or a codec refusing the values (e.g. non-finite)
         log.warning("%s tier: cannot encode chunk %s with %s: %s", tier, chunk.key.hex()[:16], codec, exc)
         return None

@@ -7,6 +7,12 @@ scheduler (``TierAccess.shared()``), ``kvtier stats`` inspects
 (``TierAccess.inspect()``). Each tier is named after its config section
 (``l1``, ``node``, ``l2``, ``l3``, in that order): that one name is what
 metrics, logs, ``LookupResult.tier_tokens`` and the docs use.
+
+The shared tiers (``node``, ``l2``, ``l3``) read and write under one
+:class:`~kvtier.security.ChunkPolicy` (:func:`chunk_policy`), held by the
+stack as ``TierStack.policy``: engines register their namespace there, and
+with ``[security]`` set every chunk they write is signed and every chunk they
+read must carry its tenant's MAC.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvtier.codec import get_codec
+from kvtier.errors import ConfigError
 from kvtier.metrics import KvtierMetrics
+from kvtier.security import ChunkPolicy, load_secret
 from kvtier.storage.base import StorageBackend
 from kvtier.storage.cpu import MemoryBackend
 from kvtier.storage.disk import DiskBackend
+from kvtier.storage.files import FolderAccess
 from kvtier.storage.node import NodeBackend
 from kvtier.storage.tiers import TierStack
 
@@ -58,11 +67,40 @@ class TierAccess:
         return cls(memory=False, read_only=True, watch=False)
 
 
-def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> list[StorageBackend]:
+def chunk_policy(config: KvtierConfig) -> ChunkPolicy:
+    """The chunk policy of ``config``'s ``[security]`` section (its secrets read now).
+
+    Raises ConfigError naming the setting (never the value) when a secret
+    cannot be read, is unset or too short.
+    """
+    sec = config.security
+    try:
+        secret = load_secret(sec.secret_file, sec.secret_env)
+        old = [load_secret(secret_file=p) for p in sec.old_secret_files]
+        old += [load_secret(secret_env=e) for e in sec.old_secret_envs]
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"security: cannot load a chunk-signing secret: {why}") from None
+    return ChunkPolicy(secret, [s for s in old if s is not None])
+
+
+def _folder_access(group: str | None) -> FolderAccess:
+    try:
+        return FolderAccess.for_group(int(group) if group is not None and group.isdigit() else group)
+    except ValueError as exc:
+        raise ConfigError(f"l2.shared_group: {exc}") from None
+
+
+def build_backends(
+    config: KvtierConfig, access: TierAccess = TierAccess(), *, policy: ChunkPolicy | None = None
+) -> list[StorageBackend]:
     """The backends ``config`` enables, fastest first, opened as ``access`` says (not started).
 
-    Raises ValueError if that leaves no tier.
+    ``policy``: the shared tiers' chunk policy (default: :func:`chunk_policy` of ``config``).
+    Raises ValueError if that leaves no tier, ConfigError if a secret cannot be loaded.
     """
+    if policy is None:
+        policy = chunk_policy(config)
     backends: list[StorageBackend] = []
     if config.l1.enabled and access.memory:
         backends.append(
@@ -70,7 +108,7 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
                 int(config.l1.max_bytes),
                 codec=get_codec(config.l1.codec),
                 name="l1",
-                policy=config.l1.policy,
+                eviction=config.l1.policy,
                 admission=config.l1.admission,
             )
         )
@@ -83,6 +121,7 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
                 codec=get_codec(config.node.codec),
                 name="node",
                 read_only=access.read_only,
+                policy=policy,
             )
         )
     if config.l2.enabled:
@@ -95,21 +134,28 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
                 name="l2",
                 watch=access.watch,
                 read_only=access.read_only,
-                policy=config.l2.policy,
+                policy=policy,
+                eviction=config.l2.policy,
+                access=_folder_access(config.l2.shared_group),
             )
         )
     if config.l3.enabled:
         from kvtier.storage.redis import RedisBackend  # redis-py is optional
 
-        backends.append(
-            RedisBackend(
+        try:
+            l3 = RedisBackend(
                 config.l3,
                 tenant=config.tenant,
                 codec=get_codec(config.l3.codec),
                 name="l3",
                 read_only=access.read_only,
+                policy=policy,
             )
-        )
+        except OSError as exc:  # the password file
+            raise ConfigError(f"l3.password_file: cannot read it: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        backends.append(l3)
     if not backends:
         enabled = "node, l2 or l3" if not access.memory else "l1, node, l2 or l3"
         raise ValueError(f"no tier to open: enable at least one of {enabled}")
@@ -119,5 +165,27 @@ def build_backends(config: KvtierConfig, access: TierAccess = TierAccess()) -> l
 def build_tiers(
     config: KvtierConfig, access: TierAccess = TierAccess(), *, metrics: KvtierMetrics | None = None
 ) -> TierStack:
-    """A :class:`TierStack` over :func:`build_backends` (not started)."""
-    return TierStack(build_backends(config, access), write_queue_bytes=int(config.write_queue_bytes), metrics=metrics)
+    """A :class:`TierStack` over :func:`build_backends` (not started), holding their chunk policy.
+
+    With ``[events]`` enabled and a writing ``access``, the stack publishes its tier events (the
+    publisher binds its endpoint here: zmq.ZMQError if it cannot). A read-only process never publishes.
+    """
+    policy = chunk_policy(config)
+    backends = build_backends(config, access, policy=policy)
+    events = None
+    if config.events.enabled and not access.read_only:
+        from kvtier.storage.events import EventPublisher
+
+        e = config.events
+        events = EventPublisher(
+            e.endpoint,
+            topic=e.topic,
+            replay_endpoint=e.replay_endpoint,
+            connect=e.connect,
+            buffer_steps=e.buffer_steps,
+            hwm=e.hwm,
+            max_queue=e.max_queue,
+        )
+    return TierStack(
+        backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics, events=events, policy=policy
+    )

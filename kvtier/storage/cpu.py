@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from kvtier.chunk import CODEC_RAW, Chunk, decode
+from kvtier.chunk import CODEC_RAW, Chunk, decode, decode_header
 from kvtier.codec import Codec
 from kvtier.eviction import DEFAULT_POLICY, BudgetIndex, make_admission, make_policy
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats, encode_or_none
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener, encode_or_none
 
 
 class MemoryBackend:
@@ -22,7 +22,7 @@ class MemoryBackend:
     With a non-raw ``codec`` chunks are held encoded (smaller, so more fit the
     budget) and decoded on every ``get``; the budget then counts encoded bytes.
 
-    ``policy`` names the eviction policy (:func:`kvtier.eviction.make_policy`;
+    ``eviction`` names the eviction policy (:func:`kvtier.eviction.make_policy`;
     victims are always leaves, never a pinned chunk); ``admission`` whether a
     new chunk is taken at all (``always``, or ``second_sight``: on its second
     offer; each refusal is counted in ``admission_refused`` and in
@@ -31,6 +31,7 @@ class MemoryBackend:
 
     in_process = True  # written on the caller's thread (see TierStack)
     read_only = False
+    on_removed: RemovalListener | None = None  # told of evictions (see storage/base.py)
 
     def __init__(
         self,
@@ -38,7 +39,7 @@ class MemoryBackend:
         *,
         codec: Codec | None = None,
         name: str = "l1",
-        policy: str = DEFAULT_POLICY,
+        eviction: str = DEFAULT_POLICY,
         admission: str = "always",
     ) -> None:
         if max_bytes <= 0:
@@ -46,9 +47,9 @@ class MemoryBackend:
         self.name = name
         self.max_bytes = max_bytes
         self.codec = codec if codec is not None and codec.name != CODEC_RAW else None
-        self.policy = policy
+        self.eviction = eviction
         self._chunks: dict[ChunkKey, Chunk | bytes] = {}
-        self._index = BudgetIndex(max_bytes, make_policy(policy), make_admission(admission))
+        self._index = BudgetIndex(max_bytes, make_policy(eviction), make_admission(admission))
         self._lock = threading.Lock()
         self._rejected = 0
 
@@ -84,6 +85,8 @@ class MemoryBackend:
             return False
         for victim in victims:
             del self._chunks[victim]
+        if victims and self.on_removed is not None:
+            self.on_removed(victims)
         self._chunks[chunk.key] = held
         return True
 
@@ -141,3 +144,16 @@ class MemoryBackend:
 
     def close(self) -> None:
         self.clear()
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every held chunk's parent, namespace and tokens (the ``Inventoried`` ability)."""
+        with self._lock:
+            held = list(self._chunks.items())
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for key, c in held:
+            if isinstance(c, bytes):
+                h = decode_header(c)
+                out[key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+            else:
+                out[key] = ChunkInfo(c.parent, c.namespace, tuple(int(t) for t in c.tokens))
+        return out

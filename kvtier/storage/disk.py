@@ -42,15 +42,19 @@ from pathlib import Path
 
 from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
-from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.eviction import DEFAULT_POLICY, make_policy
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats
+from kvtier.security import ChunkPolicy
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
 from kvtier.storage.files import (
+    PRIVATE,
+    FolderAccess,
     chunk_path,
     drop_page_cache,
     parse_name,
     read_chunk,
+    read_header,
     remove_orphaned_tmp,
     subdirs,
     tmp_path,
@@ -69,6 +73,7 @@ class DiskBackend:
     """A directory of chunk files. Thread-safe; file I/O runs outside the index lock."""
 
     in_process = False  # file I/O: written by TierStack's background writer
+    on_removed: RemovalListener | None = None  # told of evictions and dropped files (see storage/base.py)
 
     def __init__(
         self,
@@ -81,7 +86,9 @@ class DiskBackend:
         watch: bool = False,
         read_only: bool = False,
         read_threads: int | None = None,
-        policy: str = DEFAULT_POLICY,
+        policy: ChunkPolicy | None = None,
+        access: FolderAccess | None = None,
+        eviction: str = DEFAULT_POLICY,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -96,8 +103,8 @@ class DiskBackend:
         self.read_only = read_only
         self._dirs: dict[str, tuple[int, int]] = {}  # watched folder -> (its mtime, when it was listed), ns
         self._in_dir: dict[str, set[ChunkKey]] = {}
-        self.policy = policy
-        self._lru = make_policy(policy)  # this process's view; its plan is the ledger's preferred victims
+        self.eviction = eviction
+        self._lru = make_policy(eviction)  # this process's view; its plan is the ledger's preferred victims
         self._parents: dict[ChunkKey, ChunkKey | None] = {}
         self._pending: set[ChunkKey] = set()  # reserved in the index, file not yet in place
         self._last_mtime = 0
@@ -107,10 +114,14 @@ class DiskBackend:
         self._rejected = 0
         self._corrupt = 0
         self._stale = 0
+        self._forged = 0
+        self.policy = policy  # signs what is written, and judges every file read before it is decoded
+        self.access = access if access is not None else PRIVATE  # 0700/0600 unless opened to one group
         # files of one get() are read and decoded in parallel: file reads and the codecs' kernels release the GIL
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self._readers: ThreadPoolExecutor | None = None
-        self._ledger = None if read_only else Ledger(self.root)  # the folder's one budget, shared by its writers
+        # the folder's one budget, shared by its writers
+        self._ledger = None if read_only else Ledger(self.root, file_mode=self.access.file_mode)
 
     # -- paths -------------------------------------------------------------------------------------------------
 
@@ -128,8 +139,10 @@ class DiskBackend:
             if self._started:
                 return
             try:
+                # 0700 (or the shared group's 2770) whatever the umask; an existing looser folder is warned about
+                self.access.prepare(self.root, create=not self.read_only)
                 if not self.read_only:
-                    (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+                    self.access.prepare(self.root / ".tmp")
                     remove_orphaned_tmp(self.root / ".tmp")
                 found: list[tuple[int, ChunkKey, ChunkKey | None, int]] = []
                 for sub in subdirs(self.root, missing_ok=self.read_only):
@@ -145,6 +158,8 @@ class DiskBackend:
             for v in victims:
                 if v in self._lru:
                     self._forget(v)
+            if victims and self.on_removed is not None:
+                self.on_removed(victims)
             self._started = True
         log.info("disk tier %s: %d chunks, %d bytes indexed", self.root, len(self._lru), self._lru.used_bytes)
 
@@ -265,14 +280,15 @@ class DiskBackend:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return read_chunk(f, st.st_size, key)
+                return read_chunk(f, st.st_size, key, self.policy)
         except FileNotFoundError:
             self._vanished(key, path)
         except (ChunkFormatError, OSError) as exc:
             if inode is None:  # could not even open it: not evidence of damage
                 log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
             else:
-                self._drop(key, path, inode, str(exc), stale=isinstance(exc, ChunkVersionError))
+                stale, forged = isinstance(exc, ChunkVersionError), isinstance(exc, ChunkAuthError)
+                self._drop(key, path, inode, str(exc), stale=stale, forged=forged)
         return None
 
     def _vanished(self, key: ChunkKey, path: Path) -> None:
@@ -282,8 +298,12 @@ class DiskBackend:
                 self._forget(key)
                 if self._ledger is not None:
                     self._ledger.forget(key)
+                    if self.on_removed is not None:
+                        self.on_removed([key])
 
-    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False) -> None:
+    def _drop(
+        self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool = False, forged: bool = False
+    ) -> None:
         """``path`` (inode ``inode``) failed verification: count it, and remove it if the name still points there.
 
         ``stale``: it is a chunk in an older format (counted apart from corruption: nothing was damaged).
@@ -298,7 +318,9 @@ class DiskBackend:
             log.log(
                 logging.INFO if stale else logging.WARNING, "%s tier: dropping %s: %s", self.name, path.name, reason
             )
-            if stale:
+            if forged:
+                self._forged += 1
+            elif stale:
                 self._stale += 1
             else:
                 self._corrupt += 1
@@ -307,6 +329,8 @@ class DiskBackend:
             if self._ledger is not None:
                 path.unlink(missing_ok=True)
                 self._ledger.forget(key)
+                if self.on_removed is not None:
+                    self.on_removed([key])
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         if self.read_only:
@@ -315,7 +339,7 @@ class DiskBackend:
 
     def _put_one(self, chunk: Chunk) -> bool:
         try:
-            header, payload = encode_parts(chunk, self.codec)
+            header, payload = encode_parts(chunk, self.codec, policy=self.policy)
         except ValueError as exc:  # the codec refuses these values (CodecError included): like a full tier
             log.warning("disk tier: cannot encode chunk %s with %s: %s", chunk.key.hex()[:16], self.codec, exc)
             with self._lock:
@@ -357,8 +381,10 @@ class DiskBackend:
                     self._rejected += 1
                 return reservation is not None
             self._evictions += len(reservation.victims)
+        if reservation.victims and self.on_removed is not None:
+            self.on_removed([v for v, _ in reservation.victims])
         try:
-            write_file(tmp, path, (header, payload), fsync=self.fsync)
+            write_file(tmp, path, (header, payload), fsync=self.fsync, access=self.access)
             with self._lock:
                 touch_file(path, self._next_mtime())
             if not self._ledger.commit(chunk.key):
@@ -435,4 +461,15 @@ class DiskBackend:
                 rejected_puts=self._rejected,
                 corrupt=self._corrupt,
                 stale=self._stale,
+                forged=self._forged,
             )
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every indexed chunk's parent, namespace and tokens, from the file headers (the ``Inventoried`` ability)."""
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for path in self.files():
+            parsed = parse_name(path.name)
+            h = read_header(path) if parsed is not None else None
+            if h is not None and h.key == parsed[0]:
+                out[h.key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out

@@ -5,17 +5,24 @@ A chunk file is ``<root>/<k[:2]>/<key hex>.<parent hex or "root">.kvc``; a
 write in progress is ``<root>/.tmp/<key hex>.<pid>.<thread id>``. A chunk file
 is written once, to its temporary name, and renamed into place: its contents
 never change after that, so a reader either sees the whole file or no file.
-Files are created ``0600`` (whatever the umask), so another user on the
-machine cannot read a tenant's KV.
+Files are created ``0600`` and folders ``0700`` (whatever the umask, parents
+this code creates included), so another user on the machine cannot read a
+tenant's KV (a chunk header holds the prompt's token ids in clear). A
+:class:`FolderAccess` with a group opens a folder to that one group on
+purpose (``l2.shared_group``): folders ``2770`` (setgid, so new ones inherit
+the group), files ``0660``, owned by that group.
 """
 
 from __future__ import annotations
 
+import grp
+import logging
 import mmap
 import os
 import stat
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,12 +30,107 @@ import torch
 from kvtier.chunk import PREFIX_BYTES, Chunk, ChunkHeader, decode_header, decode_payload, header_length
 from kvtier.errors import ChunkFormatError, StorageError
 from kvtier.keys import ChunkKey
+from kvtier.security import ChunkPolicy
 
 SUFFIX = ".kvc"
 ROOT_PARENT = "root"
 TMP_DIR = ".tmp"
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+GROUP_FILE_MODE = 0o660
+GROUP_DIR_MODE = 0o2770
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FolderAccess:
+    """Who may use a chunk folder: its owner only (``gid`` None, the default), or also the group ``gid``."""
+
+    gid: int | None = None
+
+    @classmethod
+    def for_group(cls, group: str | int | None) -> FolderAccess:
+        """Private for None; else the group by name or number (ValueError if there is no such group)."""
+        if group is None:
+            return cls()
+        try:
+            gid = grp.getgrgid(group).gr_gid if isinstance(group, int) else grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"no such group: {group!r}") from None
+        return cls(gid)
+
+    @property
+    def dir_mode(self) -> int:
+        return DIR_MODE if self.gid is None else GROUP_DIR_MODE
+
+    @property
+    def file_mode(self) -> int:
+        return FILE_MODE if self.gid is None else GROUP_FILE_MODE
+
+    def make_dir(self, path: Path) -> None:
+        """Create ``path`` and any missing parents with this access's mode (the umask cannot widen or narrow it)."""
+        missing: list[Path] = []
+        p = Path(path)
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder, self.dir_mode)
+            except FileExistsError:  # another process made it meanwhile: judged by check_dir
+                continue
+            self.fix(folder, self.dir_mode)
+
+    def fix(self, path: Path | int, mode: int) -> None:
+        """Give a just-created file or folder (a path or an open fd) exactly ``mode`` and this access's group."""
+        if isinstance(path, int):
+            if self.gid is not None:
+                os.fchown(path, -1, self.gid)
+            os.fchmod(path, mode)
+        else:
+            if self.gid is not None:
+                os.chown(path, -1, self.gid)
+            os.chmod(path, mode)
+
+    def looser(self, path: Path) -> str | None:
+        """Why an existing folder is open wider than this access allows (or to someone else), or None."""
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{path} is not a directory"
+        mode = stat.S_IMODE(st.st_mode)
+        if self.gid is None:
+            if st.st_uid != os.getuid():
+                return f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()})"
+            if mode & 0o077:
+                return f"{path} is open to other users (mode {mode:o}); chmod 700 it"
+            return None
+        if st.st_gid != self.gid:
+            return f"{path} belongs to group {st.st_gid}, not the shared group {self.gid}"
+        if mode & 0o007:
+            return f"{path} is open to users outside its group (mode {mode:o}); chmod o-rwx it"
+        return None
+
+    def prepare(self, path: Path, *, create: bool = True, strict: bool = False) -> None:
+        """Create ``path`` if missing (``create``), then check an existing folder's owner and mode.
+
+        A folder looser than this access allows is a StorageError with ``strict``, else a logged warning.
+        """
+        if create:
+            self.make_dir(path)
+        elif not path.exists():
+            return
+        why = self.looser(path)
+        if why is None:
+            return
+        if strict:
+            raise StorageError(f"{why}: not using it")
+        log.warning("chunk folder %s: %s (whoever can write there can plant chunks; docs/security.md)", path, why)
+
+
+PRIVATE = FolderAccess()
 _HEAD_READ = 1 << 16  # one read gets the header, the token ids and the start of the body
 
 
@@ -49,25 +151,34 @@ def private_dir(path: Path) -> None:
     Raises StorageError if the folder belongs to another user or others may
     read or enter it (someone else could read or plant chunks there).
     """
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StorageError(f"{path} is not a directory")
-    if st.st_uid != os.getuid():
-        raise StorageError(f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}): not using it")
-    if st.st_mode & 0o077:
-        raise StorageError(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); chmod 700 it")
+    PRIVATE.prepare(path, strict=True)
 
 
-def write_file(tmp: Path, path: Path, parts: Iterable[bytes | memoryview], *, fsync: bool = False) -> None:
+def write_file(
+    tmp: Path,
+    path: Path,
+    parts: Iterable[bytes | memoryview],
+    *,
+    fsync: bool = False,
+    access: FolderAccess = PRIVATE,
+) -> None:
     """Write ``parts`` to ``tmp`` (created ``0600``, never an existing file) and rename it to ``path``.
 
-    ``path``'s folder is created (``0700``) if missing. On an OSError the
-    temporary file is removed and the error raised; ``path`` is then untouched.
+    ``path``'s folder is created (``0700``) if missing; with a group ``access``
+    folders are ``2770`` and files ``0660``. On an OSError the temporary file
+    is removed and the error raised; ``path`` is then untouched.
     """
     try:
-        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        if not path.parent.exists():
+            try:
+                os.mkdir(path.parent, access.dir_mode)
+                if access.gid is not None:
+                    access.fix(path.parent, access.dir_mode)
+            except FileExistsError:
+                pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, access.file_mode)
+        if access.gid is not None:  # the umask may have taken the group's bits
+            access.fix(fd, access.file_mode)
         with open(fd, "wb", buffering=0) as f:
             for part in parts:
                 view = memoryview(part)
@@ -81,19 +192,33 @@ def write_file(tmp: Path, path: Path, parts: Iterable[bytes | memoryview], *, fs
         raise
 
 
-def read_chunk(f, size: int, key: ChunkKey) -> Chunk:
+def read_header(path: Path) -> ChunkHeader | None:
+    """The header (and token ids) of the chunk file at ``path``, body unread; None if it is gone or not a chunk."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(PREFIX_BYTES)
+            needed = header_length(head)
+            head += f.read(needed - len(head))
+        return decode_header(head)
+    except (OSError, ChunkFormatError):
+        return None
+
+
+def read_chunk(f, size: int, key: ChunkKey, policy: ChunkPolicy | None = None) -> Chunk:
     """Read and verify the chunk file open as ``f`` (unbuffered, ``size`` bytes), which must hold ``key``.
 
     The body is read straight into fresh, uninitialised memory that the
-    returned chunk owns (no zero-fill, no second copy). Raises
+    returned chunk owns (no zero-fill, no second copy), and only once the
+    header passed ``policy`` and its lengths match the file's size. Raises
     ChunkFormatError if the file is not a valid chunk for ``key`` (a
-    ChunkVersionError if it is one in another format), OSError if it cannot be read.
+    ChunkVersionError if it is one in another format, a ChunkAuthError if the
+    policy does not accept it), OSError if it cannot be read.
     """
     head = f.read(_HEAD_READ)
     needed = header_length(head[:PREFIX_BYTES])
     if needed > len(head):
         head += f.read(needed - len(head))
-    header = decode_header(head)
+    header = decode_header(head, policy=policy)
     if header.key != key:
         raise ChunkFormatError("file holds another key")
     if size != header.offset + header.payload_len:
@@ -101,7 +226,7 @@ def read_chunk(f, size: int, key: ChunkKey) -> Chunk:
     return decode_payload(header, read_payload(f, head, header))
 
 
-def map_chunk(f, size: int, key: ChunkKey) -> Chunk:
+def map_chunk(f, size: int, key: ChunkKey, policy: ChunkPolicy | None = None) -> Chunk:
     """Like :func:`read_chunk`, but the body is not copied: the chunk's payload maps the file itself.
 
     For files in memory (tmpfs, the node tier): a read-only shared mapping,
@@ -120,7 +245,7 @@ def map_chunk(f, size: int, key: ChunkKey) -> Chunk:
     needed = header_length(bytes(view[:PREFIX_BYTES]))
     if needed > size:
         raise ChunkFormatError(f"file is {size} bytes, its header needs {needed}")
-    header = decode_header(bytes(view[:needed]))
+    header = decode_header(bytes(view[:needed]), policy=policy)
     if header.key != key:
         raise ChunkFormatError("file holds another key")
     if size != header.offset + header.payload_len:

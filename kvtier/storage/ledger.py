@@ -127,8 +127,9 @@ class Ledger:
     again). Methods that change the ledger raise ValueError on a read-only one.
     """
 
-    def __init__(self, root: Path, *, read_only: bool = False) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False, file_mode: int = FILE_MODE) -> None:
         self.root = Path(root)
+        self.file_mode = file_mode  # 0600; 0660 for a folder shared with a group
         self.path = self.root / LEDGER_FILE
         self.read_only = read_only
         self._pid = os.getpid()
@@ -165,7 +166,12 @@ class Ledger:
                 )
             else:
                 # created 0600 here, so SQLite's -wal and -shm files (which copy its mode) are private too
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, self.file_mode)
+                try:
+                    if self.file_mode != FILE_MODE and os.fstat(fd).st_uid == os.getuid():
+                        os.fchmod(fd, self.file_mode)  # the umask may have taken the group's bits
+                finally:
+                    os.close(fd)
                 db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")  # a lost commit after a power cut: sync() repairs it

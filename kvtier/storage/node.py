@@ -35,14 +35,16 @@ from pathlib import Path
 
 from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
-from kvtier.errors import ChunkFormatError, ChunkVersionError, StorageError
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import ChunkKey
-from kvtier.storage.base import BackendStats
+from kvtier.security import ChunkPolicy
+from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
 from kvtier.storage.files import (
     TMP_DIR,
     chunk_path,
     map_chunk,
     private_dir,
+    read_header,
     remove_orphaned_tmp,
     scan_chunks,
     tmp_path,
@@ -64,6 +66,7 @@ class NodeBackend:
 
     in_process = False
     shared_memory = True  # written on the caller's thread (see TierStack)
+    on_removed: RemovalListener | None = None  # told of evictions and dropped files (see storage/base.py)
 
     def __init__(
         self,
@@ -74,6 +77,7 @@ class NodeBackend:
         name: str = "node",
         read_only: bool = False,
         read_threads: int | None = None,
+        policy: ChunkPolicy | None = None,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -93,6 +97,8 @@ class NodeBackend:
         self._rejected = 0
         self._corrupt = 0
         self._stale = 0
+        self._forged = 0
+        self.policy = policy  # signs what is written, and judges every file read before it is decoded
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -120,6 +126,8 @@ class NodeBackend:
             raise StorageError(f"node tier {self.root}: cannot open: {exc.strerror or exc}") from exc
         entries, used, _ = self.ledger.totals()
         self._evictions += len(evicted)
+        if evicted and self.on_removed is not None:
+            self.on_removed(evicted)
         log.info("node tier %s: %d chunks, %d bytes, budget %d", self.root, entries, used, self.max_bytes)
 
     def close(self) -> None:
@@ -171,18 +179,21 @@ class NodeBackend:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return map_chunk(f, st.st_size, key)
+                return map_chunk(f, st.st_size, key, self.policy)
         except FileNotFoundError:  # evicted or removed meanwhile: a plain miss
             if not self.read_only and not path.exists():
                 self.ledger.forget(key)  # a row left by a writer killed mid-eviction
+                if self.on_removed is not None:
+                    self.on_removed([key])
         except (ChunkFormatError, OSError) as exc:
             if inode is None:
                 log.warning("%s tier: cannot open %s: %s", self.name, path, exc)
             else:
-                self._drop(key, path, inode, str(exc), stale=isinstance(exc, ChunkVersionError))
+                stale, forged = isinstance(exc, ChunkVersionError), isinstance(exc, ChunkAuthError)
+                self._drop(key, path, inode, str(exc), stale=stale, forged=forged)
         return None
 
-    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool) -> None:
+    def _drop(self, key: ChunkKey, path: Path, inode: int, reason: str, *, stale: bool, forged: bool = False) -> None:
         """``path`` failed verification: count it; a writer removes it if the name still points at that file."""
         try:
             same = os.stat(path).st_ino == inode
@@ -192,13 +203,17 @@ class NodeBackend:
             return
         log.log(logging.INFO if stale else logging.WARNING, "%s tier: dropping %s: %s", self.name, path.name, reason)
         with self._lock:
-            if stale:
+            if forged:
+                self._forged += 1
+            elif stale:
                 self._stale += 1
             else:
                 self._corrupt += 1
         if not self.read_only:
             path.unlink(missing_ok=True)
             self.ledger.forget(key)
+            if self.on_removed is not None:
+                self.on_removed([key])
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         """Store each chunk: reserve its bytes in the ledger (evicting there), write tmp + rename, commit.
@@ -211,7 +226,7 @@ class NodeBackend:
 
     def _put_one(self, chunk: Chunk) -> bool:
         try:
-            header, payload = encode_parts(chunk, self.codec)
+            header, payload = encode_parts(chunk, self.codec, policy=self.policy)
         except ValueError as exc:  # the codec refuses these values: like a full tier
             log.warning("%s tier: cannot encode chunk %s with %s: %s", self.name, chunk.key.hex()[:16], self.codec, exc)
             return self._count_rejected()
@@ -227,6 +242,8 @@ class NodeBackend:
             return True
         with self._lock:
             self._evictions += len(reservation.victims)
+        if reservation.victims and self.on_removed is not None:
+            self.on_removed([v for v, _ in reservation.victims])
         path = chunk_path(self.root, chunk.key, chunk.parent)
         try:
             write_file(tmp, path, (header, payload))
@@ -283,4 +300,14 @@ class NodeBackend:
                 rejected_puts=self._rejected,
                 corrupt=self._corrupt,
                 stale=self._stale,
+                forged=self._forged,
             )
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """Every committed chunk's parent, namespace and tokens, from the file headers (``Inventoried``)."""
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for key, parent, _ in self.ledger.entries():
+            h = read_header(chunk_path(self.root, key, parent))
+            if h is not None and h.key == key:
+                out[key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out

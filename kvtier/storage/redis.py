@@ -14,21 +14,33 @@ None, ``put`` False), counted in ``errors``, and opens the circuit breaker (:mod
 ``retry_interval_s`` calls are misses without network I/O (``skipped``), then one call probes. A dead or
 black-holed Redis costs at most one ``timeout_s`` per interval. redis-py's retries are off; its pool reconnects
 by itself. A ``put`` refused by a full Redis (``OOM`` under ``noeviction``) is a rejected put, not a failure.
+
+Deadlines (:mod:`kvtier.deadline`): inside an engine call's deadline every Redis call is bounded by the time
+left. A standalone call still reading at the deadline is cut off (a watchdog shuts its connection's socket; the
+pool reconnects later), so a server that answers slowly but within ``timeout_s`` per reply cannot stretch one
+``retrieve`` past its deadline; the call is a miss counted in ``deadline``. Slowness opens the breaker like an
+error: a call cut off by its deadline, or one that succeeded but took longer than ``timeout_s``. (Cluster
+pipelines are bounded between calls only.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvtier.chunk import Chunk, decode_header, decode_payload
+from kvtier.chunk import PREFIX_BYTES, Chunk, decode_header, decode_payload, header_length
 from kvtier.codec import Codec, get_codec
-from kvtier.errors import ChunkFormatError, ChunkVersionError
+from kvtier.deadline import remaining
+from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
-from kvtier.storage.base import BackendStats, encode_or_none
+from kvtier.security import ChunkPolicy, Secret
+from kvtier.storage.base import BackendStats, ChunkInfo, encode_or_none
 from kvtier.storage.breaker import CircuitBreaker
 from kvtier.storage.urls import parse_redis_url, redact
 
@@ -62,14 +74,17 @@ class RedisBackend:
         codec: Codec | None = None,
         name: str = "l3",
         read_only: bool = False,
+        policy: ChunkPolicy | None = None,
     ) -> None:
         _require_redis_py()
         self.target = parse_redis_url(config.url)
+        self._password = _load_password(config)  # from l3.password_file / password_env; None: the URL's, or none
         self.config = config
         self.tenant = tenant
         self.codec = codec if codec is not None else get_codec(config.codec)
         self.name = name
         self.read_only = read_only
+        self.policy = policy  # signs what is written, and judges every value read before it is decoded
         self._base = f"{config.key_prefix}:{tenant or '_'}:".encode()
         self._what = f"redis tier {redact(config.url)}"
         self._breaker = CircuitBreaker(self._what, config.retry_interval_s, logger=log)
@@ -80,7 +95,7 @@ class RedisBackend:
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._client: Any = None
         self._started = False
-        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0)
+        self._n: Counter[str] = Counter(errors=0, skipped=0, corrupt=0, stale=0, rejected=0, forged=0, deadline=0)
 
     @property
     def cluster(self) -> bool:
@@ -97,12 +112,21 @@ class RedisBackend:
 
         Never raises for an unreachable Redis: the failure is counted and
         logged, the breaker opens, and later calls reconnect on their own.
+        A server that answers but refuses this client (wrong password or ACL
+        user, a TLS certificate it or we reject) raises StorageError saying
+        so: a configuration error, not a storm of silent misses.
         """
         with self._lock:
             if self._started:
                 return
             self._started = True
-        if self._call("ping", lambda client: client.ping()) is not None:
+        try:
+            ok = self._call("ping", _checked_ping)
+        except StorageError as exc:
+            with self._lock:
+                self._started = False
+            raise StorageError(f"{self._what}: {exc}") from None
+        if ok is not None:
             log.info("%s: connected (keys %s*)", self._what, self._base.decode())
 
     def close(self) -> None:
@@ -127,13 +151,27 @@ class RedisBackend:
             "max_connections": cfg.max_connections,
             "retry": Retry(NoBackoff(), 0),  # one attempt per call: the breaker, not redis-py, decides when to retry
         }
+        if cfg.username is not None:
+            common["username"] = cfg.username
+        if self._password is not None:
+            common["password"] = self._password.value.decode()
+        if self.target.tls:
+            common["ssl_cert_reqs"] = "required"
+            common["ssl_check_hostname"] = False  # the CA file pins who may serve; test and LAN servers go by IP
+            if cfg.tls_ca_file is not None:
+                common["ssl_ca_certs"] = str(cfg.tls_ca_file)
+            if cfg.tls_cert_file is not None:
+                common["ssl_certfile"] = str(cfg.tls_cert_file)
+                common["ssl_keyfile"] = str(cfg.tls_key_file)
         if not self.target.cluster:
             return redis.Redis.from_url(cfg.url, **common)
         from redis.cluster import ClusterNode, RedisCluster
 
         t = self.target
         nodes = [ClusterNode(h, p) for h, p in t.nodes]
-        return RedisCluster(startup_nodes=nodes, username=t.username, password=t.password, ssl=t.tls, **common)
+        common.setdefault("username", t.username)
+        common.setdefault("password", t.password)
+        return RedisCluster(startup_nodes=nodes, ssl=t.tls, **common)
 
     def _get_client(self) -> Any:
         with self._connect_lock:
@@ -149,29 +187,52 @@ class RedisBackend:
                 self._n[counter] += n
 
     def _call(self, op: str, fn: Callable[[Any], T]) -> T | None:
-        """``fn(client)``, or None if not started, the breaker is open, no connection slot frees up, or Redis fails."""
+        """``fn(client)``, or None if not started, the breaker is open, no connection slot frees up, Redis fails,
+        or the current deadline (:mod:`kvtier.deadline`) has passed or passes during the call.
+        """
         import redis
         from redis.exceptions import RedisClusterException
 
         with self._lock:
             if not self._started:
                 return None
-        if not self._breaker.allow() or not self._slots.acquire(timeout=self.config.timeout_s):
+        left = remaining()
+        if left is not None and left <= 0:
+            self._count("deadline")
+            return None
+        wait = self.config.timeout_s if left is None else min(self.config.timeout_s, left)
+        if not self._breaker.allow() or not self._slots.acquire(timeout=wait):
             self._count("skipped")
             return None
+        watch = _Watch(remaining())
+        t0 = time.monotonic()
         try:
-            result = fn(self._get_client())
+            result = fn(_Bounded(self._get_client(), watch))
         except (redis.RedisError, RedisClusterException, OSError) as exc:
-            self._count("errors")
-            self._breaker.failure(op, exc)
+            if watch.fired:
+                self._count("deadline")
+                self._breaker.failure(op, TimeoutError(f"cut off at the call's deadline after {watch.after:.3f}s"))
+            else:
+                self._count("errors")
+                self._breaker.failure(op, exc)
             return None
         finally:
+            watch.done()
             self._slots.release()
-        self._breaker.success()
+        elapsed = time.monotonic() - t0
+        if elapsed > self.config.timeout_s:  # answered, but too slowly: the breaker opens on slowness too
+            self._breaker.failure(op, TimeoutError(f"answered in {elapsed:.3f}s (timeout_s {self.config.timeout_s})"))
+        else:
+            self._breaker.success()
         return result
 
     def _pipeline(self, client: Any, build: Callable[[Any], None], *, raise_on_error: bool = True) -> list[Any]:
+        watch = client.watch if isinstance(client, _Bounded) else None
+        if isinstance(client, _Bounded):
+            client = client.client
         pipe = client.pipeline(transaction=False)  # in cluster mode the pipeline splits commands by node
+        if watch is not None and not self.cluster:
+            pipe.connection_pool = _GuardedPool(pipe.connection_pool, watch)  # so the watchdog can cut it off
         try:
             build(pipe)
             return pipe.execute(raise_on_error=raise_on_error)
@@ -222,10 +283,14 @@ class RedisBackend:
     def _decode(self, key: ChunkKey, value: bytes) -> Chunk | None:
         try:
             view = memoryview(value)
-            header = decode_header(view)
+            header = decode_header(view, policy=self.policy)
             if header.key != key:
                 raise ChunkFormatError(f"value holds chunk {header.key.hex()[:16]}")
             return decode_payload(header, view[header.offset :])  # checks length and checksum; raw: no copy
+        except ChunkAuthError as exc:  # forged, unsigned or another tenant's: a miss, never decoded
+            log.warning("%s: refusing chunk %s: %s", self._what, key.hex()[:16], exc)
+            self._count("forged")
+            return None
         except ChunkVersionError as exc:  # written by an older kvtier: a miss, removed like a damaged one
             log.info("%s: dropping chunk %s: %s", self._what, key.hex()[:16], exc)
             self._count("stale")
@@ -245,14 +310,14 @@ class RedisBackend:
             raise ValueError(f"{self._what} is read-only: put is not allowed")
         from redis.exceptions import OutOfMemoryError
 
-        values = [encode_or_none(c, self.codec, self.name) for c in chunks]
+        values = [encode_or_none(c, self.codec, self.name, self.policy) for c in chunks]
         todo = [i for i, v in enumerate(values) if v is not None]
 
         def build(pipe: Any) -> None:
             for i in todo:
                 pipe.set(self.redis_key(chunks[i].key), values[i], ex=self.config.ttl_s)
 
-        def run(client: Any) -> list[Any]:
+        def run(client: Any) -> list[Any]:  # (a put runs on the writer thread: no engine deadline there)
             replies = self._pipeline(client, build, raise_on_error=False)
             failure = next(
                 (r for r in replies if isinstance(r, Exception) and not isinstance(r, OutOfMemoryError)), None
@@ -300,7 +365,9 @@ class RedisBackend:
     def counters(self) -> dict[str, int]:
         """Since creation: errors (failed Redis calls), skipped (calls answered as misses without the network: the
         breaker was open or no connection freed up), corrupt (values dropped on read), stale (values in an older chunk
-        format, dropped on read), rejected (chunks not stored).
+        format, dropped on read), rejected (chunks not stored), deadline (calls cut off or skipped at an engine call's
+        deadline), forged (values the chunk policy refused: no valid MAC of
+        their tenant, or another namespace; dropped on read, never decoded).
         """
         with self._lock:
             return dict(self._n)
@@ -318,10 +385,176 @@ class RedisBackend:
             rejected_puts=n["rejected"],
             corrupt=n["corrupt"],
             stale=n["stale"],
+            forged=n["forged"],
         )
 
     def __repr__(self) -> str:
         return f"RedisBackend({redact(self.config.url)!r}, keys={self._base.decode()!r}*)"
+
+    def inventory(self) -> dict[ChunkKey, ChunkInfo]:
+        """This prefix's and tenant's chunks, from their headers (two GETRANGEs per key; ``Inventoried``).
+
+        Empty when Redis cannot be reached (counted like any failed call).
+        """
+        pattern = _glob_escape(self._base) + b"?" * (2 * DIGEST_SIZE)
+        return self._call("inventory", lambda c: self._inventory(c, pattern)) or {}
+
+    def _inventory(self, client: Any, pattern: bytes) -> dict[ChunkKey, ChunkInfo]:
+        nodes = [client.get_redis_connection(n) for n in client.get_primaries()] if self.cluster else [client]
+        out: dict[ChunkKey, ChunkInfo] = {}
+        for node in nodes:
+            keys = list(node.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), _SCAN_BATCH):
+                batch = keys[start : start + _SCAN_BATCH]
+                pipe = node.pipeline(transaction=False)
+                for k in batch:
+                    pipe.getrange(k, 0, PREFIX_BYTES - 1)
+                lengths = []
+                for prefix in pipe.execute():
+                    try:
+                        lengths.append(header_length(prefix))
+                    except ChunkFormatError:
+                        lengths.append(0)
+                pipe = node.pipeline(transaction=False)
+                for k, n in zip(batch, lengths, strict=True):
+                    pipe.getrange(k, 0, max(n, 1) - 1)
+                for k, n, head in zip(batch, lengths, pipe.execute(), strict=True):
+                    if not n:
+                        continue
+                    try:
+                        h = decode_header(head)
+                    except ChunkFormatError:
+                        continue
+                    if k[-2 * DIGEST_SIZE :] != h.key.hex().encode():
+                        continue  # a value under another chunk's name: not this key's
+                    out[h.key] = ChunkInfo(h.parent, h.namespace, tuple(int(t) for t in h.tokens))
+        return out
+
+
+class _Watch:
+    """The watchdog of one Redis call: at the deadline it shuts the socket of the connection the call holds.
+
+    Race-free with the pool: the connection is known only between :class:`_GuardedPool` handing it out and
+    taking it back (both under the lock), so a connection already back in the pool is never touched.
+    """
+
+    def __init__(self, seconds: float | None) -> None:
+        self.lock = threading.Lock()
+        self.fired = False
+        self.after = seconds or 0.0
+        self._conn: Any = None
+        self._finished = False
+        self._timer = threading.Timer(max(0.0, seconds), self._fire) if seconds is not None else None
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+
+    def hold(self, conn: Any) -> bool:
+        """Record the connection the call now holds; False if the deadline has already fired."""
+        with self.lock:
+            if self.fired:
+                return False
+            self._conn = conn
+            return True
+
+    def drop(self) -> None:
+        with self.lock:
+            self._conn = None
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self._finished:
+                return
+            self.fired = True
+            sock = getattr(self._conn, "_sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the blocked read fails now; redis-py drops the connection
+
+    def done(self) -> None:
+        with self.lock:
+            self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class _GuardedPool:
+    """A pipeline's view of the connection pool that tells its :class:`_Watch` which connection it holds."""
+
+    def __init__(self, pool: Any, watch: _Watch) -> None:
+        self._pool, self._watch = pool, watch
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        conn = self._pool.get_connection(*args, **kwargs)
+        if not self._watch.hold(conn):
+            self._pool.release(conn)
+            raise redis.TimeoutError("the call's deadline passed")
+        return conn
+
+    def release(self, conn: Any) -> None:
+        self._watch.drop()
+        self._pool.release(conn)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+class _Bounded:
+    """A client handed to one call together with its watchdog (``_pipeline`` unwraps it)."""
+
+    def __init__(self, client: Any, watch: _Watch) -> None:
+        self.client, self.watch = client, watch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def _load_password(config: L3Config) -> Secret | None:
+    """The password of ``l3.password_file``/``password_env``; ValueError/OSError name the setting, never the value."""
+    if config.password_file is not None:
+        value = config.password_file.read_bytes().strip()
+    elif config.password_env is not None:
+        import os
+
+        value = os.environ.get(config.password_env, "").strip().encode()
+        if not value:
+            raise ValueError(f"l3.password_env: environment variable {config.password_env} is unset or empty")
+    else:
+        return None
+    if not value:
+        raise ValueError(f"l3.password_file {config.password_file} is empty")
+    return _Password(value)
+
+
+class _Password(Secret):
+    """A Redis password: redacted like a chunk secret, any length."""
+
+    def __post_init__(self) -> None:
+        pass
+
+
+def _checked_ping(client: Any) -> Any:
+    """PING; a refusal of this client (authentication, ACL, TLS certificates) raises StorageError."""
+    import ssl
+
+    import redis
+
+    try:
+        return client.ping()
+    except redis.AuthenticationError as exc:
+        raise StorageError(f"authentication failed (check l3.username and the password): {exc}") from None
+    except redis.ResponseError as exc:
+        text = str(exc)
+        if any(word in text for word in ("NOAUTH", "WRONGPASS", "NOPERM", "invalid password")):
+            raise StorageError(f"authentication failed (check l3.username and the password): {text}") from None
+        raise
+    except redis.ConnectionError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc):
+            raise StorageError(f"TLS handshake failed (check l3.tls_* files): {exc}") from None
+        raise
 
 
 def _require_redis_py() -> None:

@@ -19,10 +19,16 @@ Tiers are ordered fastest first. The stack decides, for every backend:
   write will": ``CacheEngine.store`` encodes only those.
 
 ``locate`` answers from the tiers' in-memory indexes, top tier first.
+
+**events.** With a :class:`~kvtier.storage.events.TierEvents` observer the
+stack reports every chunk a tier took, deleted or cleared, and hands each
+writable backend that evicts by itself (the ``on_removed`` attribute) a
+callback for its evictions: one observer for every tier.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -31,12 +37,74 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvtier.chunk import Chunk
+from kvtier.deadline import expired
 from kvtier.keys import ChunkKey
 from kvtier.metrics import KvtierMetrics
+from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, StorageBackend, is_in_process, is_read_only, is_synchronous
+from kvtier.storage.events import TierEvents
 from kvtier.threads import spread
 
 log = logging.getLogger(__name__)
+
+
+class WriteBehind:
+    """The outcome of one queued write, known once the background writer has run it. Thread-safe.
+
+    ``rejected`` maps each background tier of the job to the chunks it did
+    not store (full, refused, or the write failed: ``errors`` counts tiers
+    whose write raised).
+    """
+
+    def __init__(self, tiers: Sequence[str]) -> None:
+        self.tiers = tuple(tiers)
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._rejected: dict[str, int] = {}
+        self._errors = 0
+
+    def _record(self, tier: str, rejected: int, *, error: bool = False) -> None:
+        with self._lock:
+            self._rejected[tier] = self._rejected.get(tier, 0) + rejected
+            self._errors += error
+
+    def _finish(self) -> None:
+        self._done.set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the write ran (True) or ``timeout`` passed (False)."""
+        return self._done.wait(timeout)
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Chunks each tier did not store (tiers with none are left out); ValueError while still pending."""
+        if not self.done:
+            raise ValueError("the write-behind is still pending: wait() first")
+        with self._lock:
+            return {t: n for t, n in self._rejected.items() if n}
+
+    @property
+    def errors(self) -> int:
+        with self._lock:
+            return self._errors
+
+    def __repr__(self) -> str:
+        return f"WriteBehind({list(self.tiers)}, {'done' if self.done else 'pending'})"
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What :meth:`TierStack.put_chunks` did now: the first writable tier's count, every synchronous tier's
+    refusals, the chunks a full queue dropped, and the queued write's outcome handle (None: nothing queued)."""
+
+    accepted: int
+    rejected: dict[str, int]
+    dropped: int
+    pending: WriteBehind | None
 
 
 @dataclass(frozen=True)
@@ -44,6 +112,7 @@ class _WriteJob:
     chunks: tuple[Chunk, ...]
     tiers: tuple[int, ...]
     nbytes: int
+    outcome: WriteBehind
 
 
 _STOP = object()
@@ -58,7 +127,13 @@ class TierStack:
     """
 
     def __init__(
-        self, tiers: Sequence[StorageBackend], *, write_queue_bytes: int, metrics: KvtierMetrics | None = None
+        self,
+        tiers: Sequence[StorageBackend],
+        *,
+        write_queue_bytes: int,
+        metrics: KvtierMetrics | None = None,
+        policy: ChunkPolicy | None = None,
+        events: TierEvents | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
@@ -72,6 +147,8 @@ class TierStack:
         if write_queue_bytes <= 0:
             raise ValueError(f"write_queue_bytes must be positive, got {write_queue_bytes}")
         self.tiers: tuple[StorageBackend, ...] = tuple(tiers)
+        # the shared tiers' chunk policy (builder): engines over this stack register their namespace in it
+        self.policy = policy
         self._writable = tuple(not is_read_only(t) for t in tiers)
         self.write_queue_bytes = write_queue_bytes
         self.metrics = metrics if metrics is not None else KvtierMetrics()
@@ -85,6 +162,11 @@ class TierStack:
         self._dropped_writes = 0
         self._write_errors = 0
         self._writer: threading.Thread | None = None
+        self.events = events if events is not None else TierEvents()
+        if events is not None:
+            for tier, writable in zip(self.tiers, self._writable, strict=True):
+                if writable and hasattr(tier, "on_removed"):
+                    tier.on_removed = functools.partial(events.removed, tier.name)  # type: ignore[attr-defined]
 
     @property
     def names(self) -> list[str]:
@@ -116,6 +198,7 @@ class TierStack:
             self._writer = None
         for t in self.tiers:
             t.close()
+        self.events.close()
 
     def __enter__(self) -> TierStack:
         self.start()
@@ -135,7 +218,7 @@ class TierStack:
         where: list[int | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         for ti, tier in enumerate(self.tiers):
-            if not todo:
+            if not todo or expired():  # past the call's deadline: the prefix located so far is the answer
                 break
             with self.metrics.timed(tier.name, "contains"):
                 present = tier.contains([keys[i] for i in todo])
@@ -162,6 +245,8 @@ class TierStack:
         found: list[Chunk | None] = [None] * len(keys)
         for ti, tier in enumerate(self.tiers):
             idx = [i for i, w in enumerate(where) if w == ti]
+            if idx and expired():  # the call's deadline passed: what the tiers above gave is the prefix
+                break
             if idx:
                 with self.metrics.timed(tier.name, "get"):
                     got = tier.get([keys[i] for i in idx])
@@ -175,7 +260,43 @@ class TierStack:
     def discard(self, key: ChunkKey) -> None:
         """Remove a key from every tier (used when a chunk proves to be wrong); read-only tiers only forget it."""
         for t in self.tiers:
-            t.delete([key])
+            if t.delete([key]):
+                self.events.removed(t.name, [key])
+
+    def remove(self, keys: Sequence[ChunkKey], tiers: Sequence[str] | None = None) -> dict[str, int]:
+        """Delete ``keys`` from the named writable tiers (default: all of them); chunks removed per tier.
+
+        Queued writes are finished first, so a removed chunk is not written again behind the caller's back.
+        """
+        self.flush()
+        out: dict[str, int] = {}
+        for t, writable in zip(self.tiers, self._writable, strict=True):
+            if writable and (tiers is None or t.name in tiers):
+                present = [k for k, ok in zip(keys, t.contains(keys), strict=True) if ok]
+                out[t.name] = t.delete(present) if present else 0
+                self.events.removed(t.name, present)
+        return out
+
+    def clear(self, tiers: Sequence[str] | None = None) -> dict[str, int]:
+        """Remove every chunk of the named writable tiers (default: all); chunks removed per tier.
+
+        A shared tier's ``clear`` is the backend's (the node and disk folders: every chunk of every process;
+        Redis: this prefix and tenant). Clearing every tier publishes ``AllBlocksCleared``, one tier a
+        ``BlockRemoved`` of the keys it listed before clearing (where it can list them).
+        """
+        self.flush()
+        out: dict[str, int] = {}
+        chosen = [(t, w) for t, w in zip(self.tiers, self._writable, strict=True) if tiers is None or t.name in tiers]
+        for t, writable in chosen:
+            if not writable:
+                continue
+            listed = t.keys_lru_order() if tiers is not None and hasattr(t, "keys_lru_order") else []
+            out[t.name] = t.clear()
+            if listed:
+                self.events.removed(t.name, listed)
+        if tiers is None:
+            self.events.all_cleared()
+        return out
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -197,6 +318,7 @@ class TierStack:
                         sighted(chunk.key)
                     continue
                 if tier.put([chunk])[0]:
+                    self.events.stored(tier.name, [chunk])  # now: an eviction by the next put is reported after it
                     accepted += 1
                     written += chunk.payload.nbytes
                 else:
@@ -209,13 +331,23 @@ class TierStack:
 
         Returns how many chunks the first writable tier took (when that tier
         is written in the background: how many were queued; a full queue
-        drops them, counted in ``dropped_writes``).
+        drops them, counted in ``dropped_writes``). :meth:`put_chunks` says more.
         """
+        return self.put_chunks(chunks).accepted
+
+    def put_chunks(self, chunks: Sequence[Chunk]) -> PutResult:
+        """:meth:`put`, reporting every tier: the synchronous tiers' refusals now, the background ones' through
+        the returned :class:`WriteBehind` (or the chunks a full queue dropped)."""
         if not chunks:
-            return 0
-        accepted = [self._put(ti, chunks) for ti in self._sync()]
-        queued = self._enqueue(chunks, self._background())
-        return accepted[0] if accepted else (len(chunks) if queued else 0)
+            return PutResult(0, {}, 0, None)
+        sync = self._sync()
+        accepted = [self._put(ti, chunks) for ti in sync]
+        rejected = {self.names[ti]: len(chunks) - n for ti, n in zip(sync, accepted, strict=True) if n < len(chunks)}
+        background = self._background()
+        pending = self._enqueue(chunks, background)
+        dropped = len(chunks) if background and pending is None else 0
+        first = accepted[0] if accepted else (len(chunks) if pending is not None else 0)
+        return PutResult(first, rejected, dropped, pending)
 
     def promote(self, found: Sequence[tuple[Chunk, int]]) -> None:
         """Copy chunks read from lower tiers into the writable tiers above where each was found.
@@ -240,9 +372,10 @@ class TierStack:
                 for ti in later:
                     self._put(ti, chunks)
 
-    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> bool:
+    def _enqueue(self, chunks: Sequence[Chunk], tiers: tuple[int, ...]) -> WriteBehind | None:
+        """Queue a write of ``chunks`` to ``tiers``; its outcome handle, or None if nothing was queued (full)."""
         if not tiers:
-            return False
+            return None
         nbytes = sum(c.nbytes for c in chunks)
         with self._lock:
             if self._queued_bytes + nbytes > self.write_queue_bytes:
@@ -251,14 +384,15 @@ class TierStack:
                 log.warning(
                     "write-behind queue full: dropped %d chunks for %s", len(chunks), [self.names[t] for t in tiers]
                 )
-                return False
+                return None
             self._queued_bytes += nbytes
             self._in_flight += 1
             self._queued_keys.update(c.key for c in chunks)
         self.metrics.queued_bytes.inc(nbytes)
         self.metrics.queued_chunks.inc(len(chunks))
-        self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes))
-        return True
+        outcome = WriteBehind([self.names[t] for t in tiers])
+        self._queue.put(_WriteJob(tuple(chunks), tiers, nbytes, outcome))
+        return outcome
 
     def _write_loop(self) -> None:
         while True:
@@ -268,11 +402,13 @@ class TierStack:
             assert isinstance(job, _WriteJob)
             for ti in job.tiers:
                 try:
-                    self._put(ti, job.chunks)
+                    job.outcome._record(self.names[ti], len(job.chunks) - self._put(ti, job.chunks))
                 except Exception:  # a failing tier must not kill the writer; it is counted and logged
                     log.exception("write-behind to %s failed", self.tiers[ti].name)
+                    job.outcome._record(self.names[ti], len(job.chunks), error=True)
                     with self._lock:
                         self._write_errors += 1
+            job.outcome._finish()
             self.metrics.queued_bytes.dec(job.nbytes)
             self.metrics.queued_chunks.dec(len(job.chunks))
             with self._lock:

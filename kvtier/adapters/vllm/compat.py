@@ -60,6 +60,29 @@ class EngineConfig:
     head_dim: int
     dtype: torch.dtype
     model_path: str
+    served_names: tuple[str, ...] = ()  # the model names clients send
+    hf_config: Any = None  # the model's transformers config (model_config.hf_config)
+
+
+@dataclass(frozen=True)
+class CacheGroup:
+    """One of vLLM's KV-cache groups, as kvtier judges it: its spec's kind, its layers, its window."""
+
+    kind: str  # the spec class name: FullAttentionSpec, SlidingWindowSpec, MambaSpec, MLAAttentionSpec, ...
+    num_layers: int
+    sliding_window: int | None
+
+
+def cache_groups(kv_cache_config: KVCacheConfig | None) -> list[CacheGroup] | None:
+    """vLLM's KV-cache groups (``kv_cache_config.kv_cache_groups``), or None where vLLM passed no config."""
+    if kv_cache_config is None:
+        return None
+    groups = []
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        window = getattr(spec, "sliding_window", None)
+        groups.append(CacheGroup(type(spec).__name__, len(group.layer_names), int(window) if window else None))
+    return groups
 
 
 def engine_config(vllm_config: VllmConfig) -> EngineConfig:
@@ -75,7 +98,29 @@ def engine_config(vllm_config: VllmConfig) -> EngineConfig:
         head_dim=model.get_head_size(),
         dtype=model.dtype,
         model_path=str(model.model),
+        served_names=_names(model.served_model_name),
+        hf_config=getattr(model, "hf_config", None),
     )
+
+
+def _names(served: str | list[str] | None) -> tuple[str, ...]:
+    if served is None:
+        return ()
+    return (served,) if isinstance(served, str) else tuple(served)
+
+
+def tokenizer_encode(model_path: str) -> Any:
+    """Text -> the token ids vLLM's completions endpoint would prompt with (the tokenizer loads on first call)."""
+    state: dict[str, Any] = {}
+
+    def encode(text: str) -> list[int]:
+        if "tok" not in state:
+            from vllm.tokenizers.registry import get_tokenizer
+
+            state["tok"] = get_tokenizer(model_path)
+        return list(state["tok"].encode(text))
+
+    return encode
 
 
 # -- scheduler side: requests and scheduler output ----------------------------------------------------------

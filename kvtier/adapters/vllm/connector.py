@@ -46,6 +46,7 @@ Only :mod:`.compat` reaches into vLLM beyond the base class imported here.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,8 +59,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.adapters.vllm import compat
 from kvtier.adapters.vllm.metadata import KvtierMetadata
 from kvtier.adapters.vllm.scheduler import SchedulerSide
-from kvtier.adapters.vllm.settings import ConnectorSettings
+from kvtier.adapters.vllm.settings import ConnectorSettings, check_kv_cache_groups, describe_groups
 from kvtier.adapters.vllm.worker import WorkerSide
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from kvtier.adapters.vllm.compat import KVCacheBlocks, KVCacheConfig, Request, SchedulerOutput, VllmConfig
@@ -71,6 +74,9 @@ class KvtierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = ConnectorSettings.from_vllm(vllm_config)
+        groups = compat.cache_groups(kv_cache_config)
+        check_kv_cache_groups(groups, settings.namespace.layout.num_layers)
+        log.info("kvtier connector (%s): KV-cache groups %s", role.name.lower(), describe_groups(groups))
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:

@@ -33,6 +33,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -105,6 +106,22 @@ class WorkerSide:
         self._storer = threading.Thread(target=spread(self._store_loop), name="kvtier-store", daemon=True)
         self._storer.start()
         self._metrics = MetricsEndpoint(self.base.metrics, settings.metrics_port)
+        self._admin = self._start_admin()
+
+    def _start_admin(self) -> Any:
+        """The admin API (``[admin] enabled``) on this engine's tiers: this process holds all of them, L1 included."""
+        if not self.settings.config.admin.enabled:
+            return None
+        from kvtier.admin.server import AdminServer
+        from kvtier.admin.service import AdminService
+
+        service = AdminService(
+            self.base,
+            engine_for=self.engines.get,
+            tokenize=compat.tokenizer_encode(self.settings.model_path) if self.settings.model_path else None,
+            models=self.settings.served_names,
+        )
+        return AdminServer(self.settings.config.admin, service)
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Probe how vLLM packs KV into the registered layer tensors; refuse a packing kvtier cannot read."""
@@ -324,5 +341,7 @@ class WorkerSide:
         self._storer.join()
         self._loader.shutdown(wait=True, cancel_futures=False)
         log.info("kvtier connector (worker): %s", self.stats)
+        if self._admin is not None:
+            self._admin.close()
         self.base.close()
         self._metrics.close()
