@@ -77,12 +77,19 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
+# eviction policies and admission filters (kvtier.eviction; tests/test_policies.py checks the names match)
+EvictionPolicyName = Literal["adaptive", "lru", "lfu", "arc", "s3fifo"]
+AdmissionName = Literal["always", "second_sight"]
+
+
 class L1Config(_Frozen):
     """CPU-memory tier."""
 
     enabled: bool = True
     max_bytes: PositiveBytes = ByteSize(2 * 10**9)
     codec: CodecSpec = Field(default="raw", description="how chunks are held in memory (raw: as tensors)")
+    policy: EvictionPolicyName = Field(default="adaptive", description="eviction order (docs/eviction.md)")
+    admission: AdmissionName = Field(default="always", description="second_sight: store a chunk when seen twice")
 
 
 class NodeConfig(_Frozen):
@@ -114,6 +121,7 @@ class L2Config(_Frozen):
     max_bytes: PositiveBytes = ByteSize(20 * 10**9)
     fsync: bool = False
     codec: CodecSpec = Field(default="raw", description="codec of chunk files, e.g. int8+zstd")
+    policy: EvictionPolicyName = Field(default="adaptive", description="eviction order (docs/eviction.md)")
     shared_group: str | None = Field(
         default=None,
         min_length=1,

@@ -313,6 +313,9 @@ class TierStack:
             for chunk in chunks:
                 if chunk.parent is not None and chunk.parent in refused:
                     refused.add(chunk.key)
+                    sighted = getattr(tier, "sighted", None)  # an admission filter counts it as offered
+                    if sighted is not None:
+                        sighted(chunk.key)
                     continue
                 if tier.put([chunk])[0]:
                     self.events.stored(tier.name, [chunk])  # now: an eviction by the next put is reported after it
