@@ -21,7 +21,7 @@ from kvtier.admin.models import (
     TierStatsModel,
 )
 from kvtier.engine import CacheEngine
-from kvtier.keys import ChunkKey
+from kvtier.keys import ChunkKey, chunk_spans, partial_keys
 from kvtier.storage.base import ChunkInfo, Inventoried, is_read_only
 from kvtier.storage.events import EventPublisher
 
@@ -94,13 +94,26 @@ class AdminService:
         )
 
     def pin(self, req: PromptRef, *, pin: bool = True) -> PinResponse:
+        """Pin (never evict, until as many unpins) the prefix's chunks on every tier that can pin.
+
+        The keys are the prefix's full chunks and, with ``store_partial``, its trailing partial chunk,
+        held now or stored later; a pinned chunk's ancestors stay as well (the tiers' rule). 501 when no
+        tier of this server pins.
+        """
         self._check_model(req.model)
         engine = self.engine_for(req.cache_salt)
-        op = getattr(engine, "pin" if pin else "unpin", None)
-        if op is None:
-            raise AdminError(501, "pin/unpin is not supported by this kvtier build (no CacheEngine.pin)")
-        result = op(self._tokens(req.prompt, req.token_ids))
-        return PinResponse(pinned_chunks=int(result if isinstance(result, int) else getattr(result, "chunks", 0)))
+        tiers = [t for t in self.base.tiers.tiers if callable(getattr(t, "pin", None)) and not is_read_only(t)]
+        if not tiers:
+            raise AdminError(501, "pin/unpin is not supported by this server's tiers")
+        tokens = self._tokens(req.prompt, req.token_ids)
+        spans = chunk_spans(engine.namespace, tokens, engine.chunk_size)
+        keys = [s.key for s in spans]
+        end = len(spans) * engine.chunk_size
+        if engine.store_partial and len(tokens) > end:
+            keys.append(next(partial_keys(engine.namespace, keys[-1] if keys else None, tokens, end)).key)
+        for t in tiers:
+            (t.pin if pin else t.unpin)(keys)  # type: ignore[attr-defined]
+        return PinResponse(chunks=len(keys), tiers=[t.name for t in tiers])
 
     def clear(self, req: ClearRequest) -> ClearResponse:
         self._check_model(req.model)
