@@ -21,6 +21,7 @@ from kvtier.admin.models import (
     TierStatsModel,
 )
 from kvtier.engine import CacheEngine
+from kvtier.errors import PinLimitError
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import ChunkInfo, Inventoried, is_read_only
 from kvtier.storage.events import EventPublisher
@@ -99,7 +100,10 @@ class AdminService:
         op = getattr(engine, "pin" if pin else "unpin", None)
         if op is None:
             raise AdminError(501, "pin/unpin is not supported by this kvtier build (no CacheEngine.pin)")
-        result = op(self._tokens(req.prompt, req.token_ids))
+        try:
+            result = op(self._tokens(req.prompt, req.token_ids))
+        except ValueError as exc:  # PinLimitError (over the tenant's cap) or a prompt shorter than one chunk
+            raise AdminError(409 if isinstance(exc, PinLimitError) else 400, str(exc)) from exc
         return PinResponse(pinned_chunks=int(result if isinstance(result, int) else getattr(result, "chunks", 0)))
 
     def clear(self, req: ClearRequest) -> ClearResponse:
