@@ -299,6 +299,17 @@ class RouterConfig(_Frozen):
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 
+class PinsConfig(_Frozen):
+    """Prefixes kept in ``l1``/``l2`` whatever the eviction policy (system prompts, few-shot blocks)."""
+
+    max_bytes_per_tenant: PositiveBytes = Field(
+        default=ByteSize(10**9), description="cap on the KV bytes one tenant may pin (raw size of the chunks)"
+    )
+    prefixes: tuple[tuple[int, ...], ...] = Field(
+        default=(), description="token-id prefixes each engine pins for its tenant when it is built"
+    )
+
+
 class KvtierConfig(_Frozen):
     """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
 
@@ -320,6 +331,7 @@ class KvtierConfig(_Frozen):
     events: EventsConfig = EventsConfig()
     admin: AdminConfig = AdminConfig()
     router: RouterConfig = RouterConfig()
+    pins: PinsConfig = PinsConfig()
 
     @property
     def chunk_dir(self) -> Path:
