@@ -204,6 +204,7 @@ class SecurityConfig(_Frozen):
     secret_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
     old_secret_files: tuple[Path, ...] = Field(default=(), description="previous secrets still accepted on read")
     old_secret_envs: tuple[str, ...] = Field(default=(), description="variables holding previous secrets")
+    encrypt: bool = Field(default=False, description="also encrypt chunk bodies (the KV) on node, l2 and l3 (AES-GCM)")
 
     @field_validator("old_secret_files", "old_secret_envs", mode="before")
     @classmethod
@@ -220,6 +221,8 @@ class SecurityConfig(_Frozen):
     def _one_source(self) -> SecurityConfig:
         if self.secret_file is not None and self.secret_env is not None:
             raise ValueError("give security.secret_file or security.secret_env, not both")
+        if self.encrypt and self.secret_file is None and self.secret_env is None:
+            raise ValueError("security.encrypt needs a secret (security.secret_file or secret_env)")
         if (self.old_secret_files or self.old_secret_envs) and self.secret_file is None and self.secret_env is None:
             raise ValueError("old secrets are listed but no current secret (security.secret_file or secret_env)")
         return self
