@@ -1,11 +1,12 @@
-"""What chunk authentication (issue 15) costs on the load and store paths.
+"""What chunk authentication and encryption at rest (issue 15) cost on the load and store paths.
 
     python bench/auth_cost.py --json bench/results/auth_cost.json [--tokens 256] [--repeats 15]
 
 One chunk of SmolLM2-135M's fp32 layout (30 layers x 3 kv heads x 64 head dim, 45 KiB per token) with
 random KV, encoded raw as the tiers store it; timed: ``decode_header`` + ``decode_payload`` of the
 encoded bytes (the work a tier does per chunk read, file or network I/O excluded) and ``encode_parts``
-(per chunk written), without a secret (xxh3 checksum only) and with one (keyed BLAKE3 MAC too). Medians
+(per chunk written), without a secret (xxh3 checksum only), with one (keyed BLAKE3 MAC too), and with
+``security.encrypt`` (MAC + AES-256-GCM of the body: the decrypted body is a new copy). Medians
 of ``--repeats``; the chunk is in memory (hot caches), so these are the CPU costs alone.
 """
 
@@ -42,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     chunk = Chunk(span.key, None, ns.digest, layout, tokens, torch.randn(layout.chunk_shape(args.tokens)))
     signing = ChunkPolicy(Secret(b"bench-secret-" + b"x" * 19))
     signing.register(ns.digest, None, layout, args.tokens)
+    encrypting = ChunkPolicy(Secret(b"bench-secret-" + b"x" * 19), encrypt=True)
+    encrypting.register(ns.digest, None, layout, args.tokens)
     rows = []
-    for name, policy in (("no secret (checksum)", None), ("secret (checksum + MAC)", signing)):
+    modes = (("no secret (checksum)", None), ("secret (checksum + MAC)", signing), ("secret + encrypt", encrypting))
+    for name, policy in modes:
         head, body = encode_parts(chunk, policy=policy)
         data = bytearray(head + bytes(body))
         view = memoryview(data)

@@ -204,6 +204,7 @@ class SecurityConfig(_Frozen):
     secret_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
     old_secret_files: tuple[Path, ...] = Field(default=(), description="previous secrets still accepted on read")
     old_secret_envs: tuple[str, ...] = Field(default=(), description="variables holding previous secrets")
+    encrypt: bool = Field(default=False, description="also encrypt chunk bodies (the KV) on node, l2 and l3 (AES-GCM)")
 
     @field_validator("old_secret_files", "old_secret_envs", mode="before")
     @classmethod
@@ -220,6 +221,8 @@ class SecurityConfig(_Frozen):
     def _one_source(self) -> SecurityConfig:
         if self.secret_file is not None and self.secret_env is not None:
             raise ValueError("give security.secret_file or security.secret_env, not both")
+        if self.encrypt and self.secret_file is None and self.secret_env is None:
+            raise ValueError("security.encrypt needs a secret (security.secret_file or secret_env)")
         if (self.old_secret_files or self.old_secret_envs) and self.secret_file is None and self.secret_env is None:
             raise ValueError("old secrets are listed but no current secret (security.secret_file or secret_env)")
         return self
@@ -297,6 +300,17 @@ class RouterConfig(_Frozen):
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 
+class PinsConfig(_Frozen):
+    """Prefixes kept in ``l1``/``l2`` whatever the eviction policy (system prompts, few-shot blocks)."""
+
+    max_bytes_per_tenant: PositiveBytes = Field(
+        default=ByteSize(10**9), description="cap on the KV bytes one tenant may pin (raw size of the chunks)"
+    )
+    prefixes: tuple[tuple[int, ...], ...] = Field(
+        default=(), description="token-id prefixes each engine pins for its tenant when it is built"
+    )
+
+
 class KvtierConfig(_Frozen):
     """Everything kvtier can be told. Immutable; build variants with ``model_copy(update=...)``."""
 
@@ -318,6 +332,7 @@ class KvtierConfig(_Frozen):
     events: EventsConfig = EventsConfig()
     admin: AdminConfig = AdminConfig()
     router: RouterConfig = RouterConfig()
+    pins: PinsConfig = PinsConfig()
 
     @property
     def chunk_dir(self) -> Path:

@@ -239,6 +239,20 @@ def test_pinned_prefixes_survive_eviction_until_unpinned(tmp_path: Path, namespa
         engine.close()
 
 
+def test_pin_and_unpin_over_http(inst: Instance) -> None:
+    r = inst.http.post("/pin", json={"token_ids": DOC_A})
+    assert r.status_code == 200 and r.json()["chunks"] == 3  # whole chunks only
+    assert inst.engine.pinned_bytes() > 0
+    r = inst.http.post("/pin", json={"token_ids": DOC_A[:2]})  # shorter than one chunk
+    assert r.status_code == 400 and "nothing to pin" in r.json()["error"]
+    inst.engine.pin_max_bytes = inst.engine.pinned_bytes()  # the tenant's cap is reached
+    r = inst.http.post("/pin", json={"token_ids": list(range(100, 130))})
+    assert r.status_code == 409 and "over its cap" in r.json()["error"]
+    r = inst.http.post("/unpin", json={"token_ids": DOC_A})
+    assert r.status_code == 200 and r.json()["chunks"] == 3
+    assert inst.engine.pinned_bytes() == 0
+
+
 def test_the_cli_client(inst: Instance) -> None:
     inst.store(DOC_A)
     client = AdminClient(inst.server.url, TOKEN)

@@ -278,3 +278,84 @@ def test_sketch_window_forgets() -> None:
     assert adm.sketch.estimate("k") == 0
     assert not adm.admit("k")
     assert adm.admit("k")
+
+
+# -- pins through the engine and the tiers; admission counted by a real tier ---------------------------------------
+
+
+def _engine_config(tmp_path, **values):  # type: ignore[no-untyped-def]
+    from kvtier.config import load_config
+
+    base = {"cache_dir": str(tmp_path / "cache"), "chunk_size": 16, "l1.max_bytes": "20KB", "l2.enabled": "false"}
+    base.update(values)
+    return load_config(env={}, overrides=base)
+
+
+def _tok(n: int, seed: int):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 50_000, size=n).astype(np.int64)
+
+
+def _kv(namespace, n: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    import torch
+
+    return torch.randn(namespace.layout.chunk_shape(n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("policy", ["lru", "adaptive"])
+def test_engine_pin_survives_pressure_and_caps(tmp_path, namespace, policy: str) -> None:  # type: ignore[no-untyped-def]
+    from kvtier.engine import CacheEngine
+    from kvtier.errors import PinLimitError
+
+    chunk_bytes = 16 * namespace.layout.bytes_per_token
+    cfg = _engine_config(tmp_path, **{"l1.policy": policy, "pins.max_bytes_per_tenant": str(3 * chunk_bytes)})
+    with CacheEngine.from_config(cfg, namespace) as engine:
+        system = _tok(40, 1)  # 2 whole chunks + 8 tokens
+        pinned = engine.pin(system)
+        assert (pinned.chunks, pinned.nbytes, pinned.tiers) == (2, 2 * chunk_bytes, ("l1",))
+        assert engine.pin(system).tenant_bytes == 2 * chunk_bytes  # again: a no-op
+        with pytest.raises(PinLimitError, match="over its cap"):
+            engine.pin(_tok(32, 2))  # 2 more chunks: 4 > 3
+        with pytest.raises(ValueError, match="nothing to pin"):
+            engine.pin(_tok(10, 3))
+        engine.store(system, _kv(namespace, 40))  # stored after the pin: pinned from now on
+        for i in range(30):  # far more than l1 holds
+            other = _tok(64, 100 + i)
+            engine.store(other, _kv(namespace, 64, i))
+        assert engine.lookup(system).num_tokens == 32  # both pinned chunks still there (the partial one is not)
+        assert engine.unpin(system) == 2 and engine.unpin(system) == 0
+        assert engine.pinned_bytes() == 0
+        for i in range(30):
+            engine.store(_tok(64, 200 + i), _kv(namespace, 64, i))
+        assert engine.lookup(system).num_tokens == 0  # unpinned: evicted like anything else
+
+
+def test_config_pins_applied_at_build(tmp_path, namespace) -> None:  # type: ignore[no-untyped-def]
+    from kvtier.engine import CacheEngine
+    from kvtier.errors import PinLimitError
+
+    prefix = [int(t) for t in _tok(32, 5)]
+    cfg = _engine_config(tmp_path).model_copy(
+        update={"pins": _engine_config(tmp_path).pins.model_copy(update={"prefixes": (tuple(prefix),)})}
+    )
+    with CacheEngine.from_config(cfg, namespace) as engine:
+        assert engine.pinned_bytes() == 2 * 16 * namespace.layout.bytes_per_token
+    tiny = cfg.model_copy(update={"pins": cfg.pins.model_copy(update={"max_bytes_per_tenant": 1})})
+    with pytest.raises(PinLimitError):
+        CacheEngine.from_config(tiny, namespace)
+
+
+def test_memory_tier_counts_admission_refusals(tmp_path, namespace) -> None:  # type: ignore[no-untyped-def]
+    from kvtier.engine import CacheEngine
+
+    cfg = _engine_config(tmp_path, **{"l1.admission": "second_sight", "l1.max_bytes": "1MB"})
+    with CacheEngine.from_config(cfg, namespace) as engine:
+        tokens = _tok(48, 9)  # 3 chunks
+        first = engine.store(tokens, _kv(namespace, 48))
+        assert first.rejected_chunks == 3  # the first is refused; its children are refused with it (sighted)
+        l1 = engine.tiers.tiers[0]
+        assert l1.stats().admission_refused == 1 and l1.stats().rejected_puts == 1
+        second = engine.store(tokens, _kv(namespace, 48))
+        assert second.rejected_chunks == 0  # second sight of every chunk, children included
+        assert engine.lookup(tokens).num_tokens == 48

@@ -21,7 +21,8 @@ from kvtier.admin.models import (
     TierStatsModel,
 )
 from kvtier.engine import CacheEngine
-from kvtier.keys import ChunkKey, chunk_spans, partial_keys
+from kvtier.errors import PinLimitError
+from kvtier.keys import ChunkKey
 from kvtier.storage.base import ChunkInfo, Inventoried, is_read_only
 from kvtier.storage.events import EventPublisher
 
@@ -102,18 +103,15 @@ class AdminService:
         """
         self._check_model(req.model)
         engine = self.engine_for(req.cache_salt)
-        tiers = [t for t in self.base.tiers.tiers if callable(getattr(t, "pin", None)) and not is_read_only(t)]
+        tiers = [t.name for t in self.base.tiers.tiers if callable(getattr(t, "pin", None)) and not is_read_only(t)]
         if not tiers:
             raise AdminError(501, "pin/unpin is not supported by this server's tiers")
         tokens = self._tokens(req.prompt, req.token_ids)
-        spans = chunk_spans(engine.namespace, tokens, engine.chunk_size)
-        keys = [s.key for s in spans]
-        end = len(spans) * engine.chunk_size
-        if engine.store_partial and len(tokens) > end:
-            keys.append(next(partial_keys(engine.namespace, keys[-1] if keys else None, tokens, end)).key)
-        for t in tiers:
-            (t.pin if pin else t.unpin)(keys)  # type: ignore[attr-defined]
-        return PinResponse(chunks=len(keys), tiers=[t.name for t in tiers])
+        try:  # through the engine: whole chunks, the tenant's cap (pins.max_bytes_per_tenant)
+            chunks = engine.pin(tokens).chunks if pin else engine.unpin(tokens)
+        except ValueError as exc:  # PinLimitError (over the tenant's cap) or a prompt shorter than one chunk
+            raise AdminError(409 if isinstance(exc, PinLimitError) else 400, str(exc)) from exc
+        return PinResponse(chunks=chunks, tiers=tiers)
 
     def clear(self, req: ClearRequest) -> ClearResponse:
         self._check_model(req.model)

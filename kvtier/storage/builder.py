@@ -81,7 +81,7 @@ def chunk_policy(config: KvtierConfig) -> ChunkPolicy:
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"security: cannot load a chunk-signing secret: {why}") from None
-    return ChunkPolicy(secret, [s for s in old if s is not None])
+    return ChunkPolicy(secret, [s for s in old if s is not None], encrypt=sec.encrypt)
 
 
 def _folder_access(group: str | None) -> FolderAccess:

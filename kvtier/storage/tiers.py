@@ -418,6 +418,26 @@ class TierStack:
                 self._queued_keys = +self._queued_keys
                 self._idle.notify_all()
 
+    def pin(self, keys: Sequence[ChunkKey]) -> list[str]:
+        """Pin ``keys`` in every tier that evicts by itself here (``l1``, ``l2`` writers); returns those tiers.
+
+        A pinned chunk (held now or stored later) and its ancestors are never evicted until :meth:`unpin`.
+        """
+        done = []
+        for t in self.tiers:
+            op = getattr(t, "pin", None)
+            if op is not None and not getattr(t, "read_only", False):
+                op(keys)
+                done.append(t.name)
+        return done
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        """Undo one :meth:`pin` of ``keys``."""
+        for t in self.tiers:
+            op = getattr(t, "unpin", None)
+            if op is not None and not getattr(t, "read_only", False):
+                op(keys)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Block until queued writes are done; False if ``timeout`` passed first."""
         with self._lock:
