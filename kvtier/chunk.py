@@ -53,8 +53,9 @@ Shared tiers read and write under a :class:`~kvtier.security.ChunkPolicy`:
 ``decode_header`` then also refuses a header whose namespace, layout or
 token count is not one this process's engines use (before anything is
 allocated), and with a secret one without a MAC flag or without a key for
-its namespace (:class:`ChunkAuthError`); ``decode_payload`` verifies the MAC
-before the checksum and before any decoding. The checksum is computed with
+its namespace (:class:`ChunkAuthError`); ``decode_payload`` verifies the
+checksum, then the MAC, before any decoding (so damage counts as corrupt,
+a forgery as forged). The checksum is computed with
 the MAC field zeroed, and the MAC over the chunk with that field left out
 (the checksum included), so a chunk signed or not has the same checksum and
 an unsigned chunk of an older kvtier still reads where no secret is set.
@@ -397,10 +398,11 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     if len(payload) != header.payload_len:
         raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
     head = memoryview(header.head)
-    if header.auth is not None and not header.auth.verify(head, header.mac, payload):
-        raise ChunkAuthError("MAC mismatch: not written with this tenant's key")
+    # the checksum first: damage (a flipped bit, a torn write) is told apart from a forgery, and it is cheap
     if _checksum(head[: _FIELDS.size], head[HEADER_BYTES:], payload) != header.checksum:
         raise ChunkFormatError("checksum mismatch")
+    if header.auth is not None and not header.auth.verify(head, header.mac, payload):
+        raise ChunkAuthError("MAC mismatch: not written with this tenant's key")
     if header.cipher is not None:
         plain = header.cipher.decrypt(payload, _aad(header.key.digest, header.namespace))
         if plain is None:

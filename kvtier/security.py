@@ -21,7 +21,7 @@ chunk and tenant), and, with a secret, the keys that sign and verify their
 chunks. :mod:`kvtier.chunk` applies it: ``encode_parts`` puts the tag in the
 header's MAC field (flag bit 1), ``decode_header`` refuses a header that does
 not fit a registered namespace before anything is allocated, and
-``decode_payload`` verifies the tag before the checksum and before decoding.
+``decode_payload`` verifies the checksum, then the tag, before decoding.
 The MAC covers the header (its checksum included, computed with the MAC field
 zeroed), the token ids and the body.
 """

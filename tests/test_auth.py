@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.chunk import FLAG_MAC, Chunk, decode, decode_header, encode
+from kvtier.chunk import FLAG_MAC, Chunk, _checksum, decode, decode_header, encode
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ChunkAuthError
@@ -139,6 +139,8 @@ def test_forged_chunk_in_redis_is_served_without_a_secret_and_refused_with_one(
     fake = bytearray(value)
     fake[6] |= FLAG_MAC
     fake[MAC_OFFSET : MAC_OFFSET + MAC_LEN] = b"\x5a" * MAC_LEN
+    n = decode_header(value).tokens.size
+    fake[176:192] = _checksum(fake[:176], fake[192 : 192 + 4 * n], fake[192 + 4 * n :])  # self-consistent again
     _plant_redis(server, signed, chunk, bytes(fake))
     assert signed.retrieve(tokens).num_tokens == 0 and l3.stats().forged == 2
 
