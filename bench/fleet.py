@@ -302,7 +302,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--system-tokens", type=int, default=200, help="the shared instruction's part of each prompt")
     p.add_argument("--context-tokens", type=int, default=1300, help="each user's own document")
     p.add_argument("--answer-tokens", type=int, default=16)
-    p.add_argument("--qps", type=float, default=0.5)
+    p.add_argument("--qps", type=float, default=0.4)
     p.add_argument("--kv-cache-gib", type=float, default=2)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--startup-timeout", type=float, default=400)

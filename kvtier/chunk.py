@@ -8,8 +8,8 @@ wire it is ``encode``-d into one little-endian binary format (version 2)::
 offset size field
      0    4 magic b"KVTC"
      4    2 u16 format version (2)
-     6    2 u16 flags: bit 0 has a parent; bit 1 carries a keyed MAC; bits
-            2-15 reserved, zero (body encryption will take bit 2)
+     6    2 u16 flags: bit 0 has a parent; bit 1 carries a keyed MAC; bit 2
+            the body is encrypted (needs bit 1); bits 3-15 reserved, zero
      8    4 u32 token count n (at most MAX_TOKENS)
     12    1 layout dtype (float32 1, float16 2, bfloat16 3)
     13    1 codec base stage id (raw 1, fp16 2, bf16 3, fp8 5, int4 8, int8 9)
@@ -29,7 +29,8 @@ offset size field
    176   16 xxh3-128 digest (xxhash's big-endian bytes) of bytes 0..175 with
             the MAC field zeroed, the token ids and the body
    192   4n token ids
- 192+4n     body (``payload_len`` bytes)
+ 192+4n     body (``payload_len`` bytes); encrypted (bit 2): a 12-byte nonce,
+            the AES-256-GCM ciphertext of the codec's output, its 16-byte tag
 
 The body is the codec's output with no frame of its own (``raw``: the
 payload's own bytes, written and read without a copy). A reader decodes
@@ -52,11 +53,17 @@ Shared tiers read and write under a :class:`~kvtier.security.ChunkPolicy`:
 ``decode_header`` then also refuses a header whose namespace, layout or
 token count is not one this process's engines use (before anything is
 allocated), and with a secret one without a MAC flag or without a key for
-its namespace (:class:`ChunkAuthError`); ``decode_payload`` verifies the MAC
-before the checksum and before any decoding. The checksum is computed with
+its namespace (:class:`ChunkAuthError`); ``decode_payload`` verifies the
+checksum, then the MAC, before any decoding (so damage counts as corrupt,
+a forgery as forged). The checksum is computed with
 the MAC field zeroed, and the MAC over the chunk with that field left out
 (the checksum included), so a chunk signed or not has the same checksum and
 an unsigned chunk of an older kvtier still reads where no secret is set.
+
+With a policy that encrypts, the body (the KV) is AES-256-GCM encrypted with
+the tenant's encryption key, bound to the chunk's key and namespace; checksum
+and MAC cover the ciphertext, so both are checked before anything is
+decrypted. The header and the token ids stay in clear (see docs/security.md).
 """
 
 from __future__ import annotations
@@ -73,13 +80,14 @@ from kvtier.codec import Codec, CodecError, codec_from_ids
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError
 from kvtier.keys import DIGEST_SIZE, ChunkKey
 from kvtier.layout import KVLayout
-from kvtier.security import MAC_LEN, MAC_OFFSET, ChunkAuthenticator, ChunkPolicy
+from kvtier.security import AEAD_OVERHEAD, MAC_LEN, MAC_OFFSET, ChunkAuthenticator, ChunkCipher, ChunkPolicy
 
 MAGIC = b"KVTC"
 VERSION = 2
 FLAG_PARENT = 1
 FLAG_MAC = 2
-KNOWN_FLAGS = FLAG_PARENT | FLAG_MAC
+FLAG_ENCRYPTED = 4
+KNOWN_FLAGS = FLAG_PARENT | FLAG_MAC | FLAG_ENCRYPTED
 MAX_TOKENS = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 31  # decoded payload bytes a header may claim
 CODEC_RAW = "raw"
@@ -178,11 +186,13 @@ def encode_parts(
     """
     layout, n = chunk.layout, chunk.num_tokens
     auth: ChunkAuthenticator | None = None
+    cipher: ChunkCipher | None = None
     if policy is not None and policy.signs:
         expected = policy.expected(chunk.namespace)
         if expected is None or expected.auth is None:
             raise ValueError("no MAC key for this chunk's namespace (no engine of this process registered it)")
         auth = expected.auth
+        cipher = expected.cipher if policy.encrypts else None
     if len(chunk.namespace) != DIGEST_SIZE:
         raise ValueError(f"namespace digest must be {DIGEST_SIZE} bytes, got {len(chunk.namespace)}")
     if n > MAX_TOKENS or n * layout.bytes_per_token > MAX_PAYLOAD_BYTES:
@@ -195,10 +205,14 @@ def encode_parts(
         body = codec.encode(chunk.payload)
         base_id, lossless_id = codec.base_id, codec.lossless_id
         shuffle, stage_len = codec.shuffle_size(dtype), codec.stage_size(shape, dtype)
+    if cipher is not None:
+        body = cipher.encrypt(body, _aad(chunk.key.digest, chunk.namespace))
     fields = _FIELDS.pack(
         MAGIC,
         VERSION,
-        (FLAG_PARENT if chunk.parent is not None else 0) | (FLAG_MAC if auth is not None else 0),
+        (FLAG_PARENT if chunk.parent is not None else 0)
+        | (FLAG_MAC if auth is not None else 0)
+        | (FLAG_ENCRYPTED if cipher is not None else 0),
         n,
         _DTYPE_IDS[layout.dtype],
         base_id,
@@ -252,6 +266,7 @@ class ChunkHeader:
     decoder: Codec | None = field(default=None, repr=False)  # None for raw
     mac: bytes = field(default=bytes(MAC_LEN), repr=False)
     auth: ChunkAuthenticator | None = field(default=None, repr=False)  # verifies ``mac`` in decode_payload
+    cipher: ChunkCipher | None = field(default=None, repr=False)  # set for an encrypted body: decrypts it
 
 
 def header_length(prefix: bytes | memoryview) -> int:
@@ -294,6 +309,9 @@ def decode_header(prefix: bytes | memoryview, *, policy: ChunkPolicy | None = No
     key, parent, namespace, mac = fields[14:]
     if reserved or (mac != _ZERO and not flags & FLAG_MAC) or (not flags & FLAG_PARENT and parent != _ZERO):
         raise ChunkFormatError("reserved header bytes are not zero")
+    encrypted = bool(flags & FLAG_ENCRYPTED)
+    if encrypted and not flags & FLAG_MAC:
+        raise ChunkFormatError("an encrypted chunk without a MAC")
     if dtype_id not in _DTYPES:
         raise ChunkFormatError(f"unknown dtype id {dtype_id}")
     try:
@@ -301,6 +319,12 @@ def decode_header(prefix: bytes | memoryview, *, policy: ChunkPolicy | None = No
     except ValueError as exc:
         raise ChunkFormatError(f"malformed header: {exc}") from exc
     auth = _admit(policy, namespace, layout, n, flags) if policy is not None else None
+    cipher = None
+    if encrypted:
+        expected_ns = policy.expected(namespace) if policy is not None and auth is not None else None
+        cipher = expected_ns.cipher if expected_ns is not None else None
+        if cipher is None:
+            raise ChunkAuthError("an encrypted chunk, and no key for it here (no secret configured)")
     size = n * layout.bytes_per_token  # Python ints: no overflow
     if size > MAX_PAYLOAD_BYTES:
         raise ChunkFormatError(f"header claims a {size}-byte payload (at most {MAX_PAYLOAD_BYTES})")
@@ -317,6 +341,8 @@ def decode_header(prefix: bytes | memoryview, *, policy: ChunkPolicy | None = No
         expected = (decoder.stage_size(shape, dtype), decoder.shuffle_size(dtype), *decoder.body_bounds(shape, dtype))
     if (stage_len, shuffle) != expected[:2]:
         raise ChunkFormatError(f"header says {stage_len} bytes shuffled by {shuffle}; {name} makes {expected[:2]}")
+    if encrypted:
+        expected = (*expected[:2], expected[2] + AEAD_OVERHEAD, expected[3] + AEAD_OVERHEAD)
     if not expected[2] <= body_len <= expected[3]:
         raise ChunkFormatError(f"payload length {body_len} does not match layout and codec {name} {expected[2:]}")
     return ChunkHeader(
@@ -333,7 +359,13 @@ def decode_header(prefix: bytes | memoryview, *, policy: ChunkPolicy | None = No
         decoder=decoder,
         mac=mac,
         auth=auth,
+        cipher=cipher,
     )
+
+
+def _aad(key: bytes, namespace: bytes) -> bytes:
+    """The associated data of an encrypted body: the chunk's key and namespace (a body moved elsewhere fails)."""
+    return b"kvtier chunk body v1\x00" + key + namespace
 
 
 def _admit(policy: ChunkPolicy, namespace: bytes, layout: KVLayout, n: int, flags: int) -> ChunkAuthenticator | None:
@@ -366,10 +398,16 @@ def decode_payload(header: ChunkHeader, payload: bytearray | memoryview | bytes)
     if len(payload) != header.payload_len:
         raise ChunkFormatError(f"payload is {len(payload)} bytes, header says {header.payload_len}")
     head = memoryview(header.head)
-    if header.auth is not None and not header.auth.verify(head, header.mac, payload):
-        raise ChunkAuthError("MAC mismatch: not written with this tenant's key")
+    # the checksum first: damage (a flipped bit, a torn write) is told apart from a forgery, and it is cheap
     if _checksum(head[: _FIELDS.size], head[HEADER_BYTES:], payload) != header.checksum:
         raise ChunkFormatError("checksum mismatch")
+    if header.auth is not None and not header.auth.verify(head, header.mac, payload):
+        raise ChunkAuthError("MAC mismatch: not written with this tenant's key")
+    if header.cipher is not None:
+        plain = header.cipher.decrypt(payload, _aad(header.key.digest, header.namespace))
+        if plain is None:
+            raise ChunkAuthError("encrypted body does not open with this tenant's keys")
+        payload = plain
     dtype = header.layout.torch_dtype
     shape = header.layout.chunk_shape(len(header.tokens))
     if header.decoder is None:

@@ -77,12 +77,19 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
+# eviction policies and admission filters (kvtier.eviction; tests/test_policies.py checks the names match)
+EvictionPolicyName = Literal["adaptive", "lru", "lfu", "arc", "s3fifo"]
+AdmissionName = Literal["always", "second_sight"]
+
+
 class L1Config(_Frozen):
     """CPU-memory tier."""
 
     enabled: bool = True
     max_bytes: PositiveBytes = ByteSize(2 * 10**9)
     codec: CodecSpec = Field(default="raw", description="how chunks are held in memory (raw: as tensors)")
+    policy: EvictionPolicyName = Field(default="adaptive", description="eviction order (docs/eviction.md)")
+    admission: AdmissionName = Field(default="always", description="second_sight: store a chunk when seen twice")
 
 
 class NodeConfig(_Frozen):
@@ -114,6 +121,7 @@ class L2Config(_Frozen):
     max_bytes: PositiveBytes = ByteSize(20 * 10**9)
     fsync: bool = False
     codec: CodecSpec = Field(default="raw", description="codec of chunk files, e.g. int8+zstd")
+    policy: EvictionPolicyName = Field(default="adaptive", description="eviction order (docs/eviction.md)")
     shared_group: str | None = Field(
         default=None,
         min_length=1,
@@ -196,6 +204,7 @@ class SecurityConfig(_Frozen):
     secret_env: str | None = Field(default=None, min_length=1, description="environment variable holding it")
     old_secret_files: tuple[Path, ...] = Field(default=(), description="previous secrets still accepted on read")
     old_secret_envs: tuple[str, ...] = Field(default=(), description="variables holding previous secrets")
+    encrypt: bool = Field(default=False, description="also encrypt chunk bodies (the KV) on node, l2 and l3 (AES-GCM)")
 
     @field_validator("old_secret_files", "old_secret_envs", mode="before")
     @classmethod
@@ -212,6 +221,8 @@ class SecurityConfig(_Frozen):
     def _one_source(self) -> SecurityConfig:
         if self.secret_file is not None and self.secret_env is not None:
             raise ValueError("give security.secret_file or security.secret_env, not both")
+        if self.encrypt and self.secret_file is None and self.secret_env is None:
+            raise ValueError("security.encrypt needs a secret (security.secret_file or secret_env)")
         if (self.old_secret_files or self.old_secret_envs) and self.secret_file is None and self.secret_env is None:
             raise ValueError("old secrets are listed but no current secret (security.secret_file or secret_env)")
         return self
@@ -266,18 +277,19 @@ class RouterInstance(_Frozen):
 class RouterConfig(_Frozen):
     """``[router]``: ``kvtier router``, the KV-aware, load-aware front over several instances.
 
-    An instance's score is ``hit - beta * (load - least load)``: ``hit`` the share of the prompt its
-    own tiers hold (plus ``shared_credit`` times the further share only the shared Redis tier holds),
-    ``load`` its requests in flight plus its queued prefill tokens / ``prefill_norm_tokens``.
+    An instance's score, in prompt tokens, is ``hit - beta * load``: ``hit`` the leading prompt tokens
+    its own tiers hold (plus ``shared_credit`` times the further ones only the shared Redis tier holds),
+    ``load`` the prefill tokens queued there (requests routed there still waiting for a first token,
+    less their hits) plus ``decode_tokens_per_request`` per request in flight.
     """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     instances: list[RouterInstance] = Field(default_factory=list)
     policy: Literal["kvtier", "round_robin"] = "kvtier"
-    beta: float = Field(default=0.25, ge=0, description="score cost of one more request in flight")
+    beta: float = Field(default=1.0, ge=0, description="weight of an instance's queued work against a prefix hit")
     shared_credit: float = Field(default=0.5, ge=0, le=1, description="weight of tokens held only in l3")
-    prefill_norm_tokens: int = Field(default=2048, gt=0, description="queued prefill tokens worth one request")
+    decode_tokens_per_request: int = Field(default=128, ge=0, description="a request in flight as prefill tokens")
     local_media: list[str] = Field(default_factory=lambda: ["l1", "node", "l2"])
     shared_media: list[str] = Field(default_factory=lambda: ["l3"])
     stale_after_s: float = Field(default=30.0, gt=0, description="an index unrepaired after a gap this long: stale")
@@ -286,6 +298,17 @@ class RouterConfig(_Frozen):
     unhealthy_after: int = Field(default=2, gt=0, description="failed health checks in a row that drop an instance")
     tokenize_timeout_s: float = Field(default=2.0, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class PinsConfig(_Frozen):
+    """Prefixes kept in ``l1``/``l2`` whatever the eviction policy (system prompts, few-shot blocks)."""
+
+    max_bytes_per_tenant: PositiveBytes = Field(
+        default=ByteSize(10**9), description="cap on the KV bytes one tenant may pin (raw size of the chunks)"
+    )
+    prefixes: tuple[tuple[int, ...], ...] = Field(
+        default=(), description="token-id prefixes each engine pins for its tenant when it is built"
+    )
 
 
 class KvtierConfig(_Frozen):
@@ -309,6 +332,7 @@ class KvtierConfig(_Frozen):
     events: EventsConfig = EventsConfig()
     admin: AdminConfig = AdminConfig()
     router: RouterConfig = RouterConfig()
+    pins: PinsConfig = PinsConfig()
 
     @property
     def chunk_dir(self) -> Path:

@@ -29,7 +29,8 @@ import torch
 from kvtier.chunk import Chunk
 from kvtier.config import KvtierConfig
 from kvtier.deadline import deadline_after, expired
-from kvtier.keys import ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
+from kvtier.errors import PinLimitError
+from kvtier.keys import ChunkKey, ChunkSpan, Namespace, as_token_array, chunk_spans, partial_keys
 from kvtier.layout import KVSink, KVSource, TensorKV, assemble_layers
 from kvtier.metrics import KvtierMetrics
 from kvtier.storage import TierAccess, TierStack, build_tiers
@@ -139,6 +140,17 @@ class StoreResult:
 
 
 @dataclass(frozen=True)
+class PinResult:
+    """What one :meth:`CacheEngine.pin` holds: the full chunks of the prefix, their raw KV bytes, and the tenant's
+    pinned bytes in all afterwards."""
+
+    chunks: int
+    nbytes: int
+    tenant_bytes: int
+    tiers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """Counters since the engine was created."""
 
@@ -166,6 +178,7 @@ class CacheEngine:
         store_partial: bool = True,
         lookup_deadline_s: float | None = None,
         retrieve_deadline_s: float | None = None,
+        pin_max_bytes: int = 10**9,
     ) -> None:
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -183,6 +196,11 @@ class CacheEngine:
         if tiers.policy is not None:  # the shared tiers accept (and, with a secret, sign) this namespace's chunks
             # the layout a chunk header records (the attention windows are in the digest)
             tiers.policy.register(namespace.digest, namespace.tenant, self.layout.payload, chunk_size)
+        tiers.events.namespace(namespace.digest, namespace.tenant)  # root chunks' events carry the cache_salt
+        if pin_max_bytes < 0:
+            raise ValueError(f"pin_max_bytes must be >= 0, got {pin_max_bytes}")
+        self.pin_max_bytes = pin_max_bytes
+        self._pins: dict[tuple[ChunkKey, ...], int] = {}  # pinned prefix (its full chunks' keys) -> raw bytes
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._hits: Counter[str] = Counter()
@@ -204,14 +222,18 @@ class CacheEngine:
         """
         tiers = build_tiers(config, access, metrics=metrics)
         remote = config.l3.enabled  # the deadlines bound remote tiers; local ones answer within their I/O
-        return cls(
+        engine = cls(
             namespace,
             tiers,
             chunk_size=config.chunk_size,
             store_partial=config.store_partial,
             lookup_deadline_s=config.l3.lookup_deadline_s if remote else None,
             retrieve_deadline_s=config.l3.retrieve_deadline_s if remote else None,
+            pin_max_bytes=int(config.pins.max_bytes_per_tenant),
         )
+        for prefix in config.pins.prefixes:  # raises PinLimitError if the list is over the cap: a config mistake
+            engine.pin(prefix)
+        return engine
 
     def start(self) -> CacheEngine:
         self.tiers.start()
@@ -230,6 +252,53 @@ class CacheEngine:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for write-behind to the lower tiers; False on timeout."""
         return self.tiers.flush(timeout)
+
+    # -- pins ------------------------------------------------------------------------------------------------
+
+    def _pin_keys(self, tokens: Tokens) -> tuple[ChunkKey, ...]:
+        return tuple(s.key for s in chunk_spans(self.namespace, _tokens(tokens), self.chunk_size))
+
+    def pin(self, tokens: Tokens) -> PinResult:
+        """Keep the full chunks of ``tokens`` (a system prompt, few-shot block) in ``l1`` and ``l2``.
+
+        A pinned chunk, held now or stored later, and its ancestors are never
+        evicted from those tiers (the node tier and Redis evict on their own).
+        Only whole chunks are pinned: a trailing partial chunk is reused by
+        no longer prompt. Pinning a prefix again is a no-op. Raises
+        :class:`~kvtier.errors.PinLimitError` when this engine's tenant would
+        pin more than ``pin_max_bytes`` (raw KV bytes of the chunks), and
+        ValueError when ``tokens`` holds no whole chunk.
+        """
+        keys = self._pin_keys(tokens)
+        if not keys:
+            raise ValueError(f"nothing to pin: fewer tokens than one chunk ({self.chunk_size})")
+        nbytes = len(keys) * self.chunk_size * self.layout.bytes_per_token
+        with self._lock:
+            if keys in self._pins:
+                return PinResult(len(keys), nbytes, sum(self._pins.values()))
+            total = sum(self._pins.values()) + nbytes
+            if total > self.pin_max_bytes:
+                raise PinLimitError(
+                    f"tenant {self.namespace.tenant!r}: pinning {nbytes} bytes would pin {total}, over its cap of "
+                    f"{self.pin_max_bytes} (pins.max_bytes_per_tenant)"
+                )
+            self._pins[keys] = nbytes
+            tiers = self.tiers.pin(keys)
+        return PinResult(len(keys), nbytes, total, tuple(tiers))
+
+    def unpin(self, tokens: Tokens) -> int:
+        """Undo :meth:`pin` of exactly this prefix; returns the chunks unpinned (0 if it was not pinned)."""
+        keys = self._pin_keys(tokens)
+        with self._lock:
+            if self._pins.pop(keys, None) is None:
+                return 0
+            self.tiers.unpin(keys)
+        return len(keys)
+
+    def pinned_bytes(self) -> int:
+        """Raw KV bytes this engine's tenant has pinned."""
+        with self._lock:
+            return sum(self._pins.values())
 
     # -- lookup / retrieve -------------------------------------------------------------------------------------
 

@@ -22,6 +22,10 @@ class UnsupportedModelError(ModelError, ValueError):
     """A model of a family or attention kind kvtier cannot cache exactly; the message names the reason."""
 
 
+class PinLimitError(KvtierError, ValueError):
+    """A pin would take a tenant past its pinned-bytes cap (``pins.max_bytes_per_tenant``)."""
+
+
 class ChunkFormatError(KvtierError):
     """Bytes that claim to be a chunk are not a valid chunk (bad magic, header, length or checksum)."""
 

@@ -168,3 +168,27 @@ def partial_keys(
         digests.append(hasher.digest())
     for n in range(len(digests), 0, -1):
         yield ChunkSpan(ChunkKey(digests[n - 1]), parent, start, start + n)
+
+
+_SALT_TENANT = "cache_salt:"
+
+
+def tenant_salt(configured: str | None, cache_salt: str | None) -> str | None:
+    """The tenant salt of a request: the configured tenant, refined by the request's ``cache_salt``.
+
+    Different salts never share a chunk; requests without one use the configured tenant.
+    """
+    if cache_salt is None:
+        return configured
+    return _SALT_TENANT + json.dumps([configured, cache_salt])
+
+
+def cache_salt_of(tenant: str | None) -> str | None:
+    """The ``cache_salt`` a tenant salt was made from by :func:`tenant_salt`; None for a configured tenant."""
+    if tenant is None or not tenant.startswith(_SALT_TENANT):
+        return None
+    try:
+        pair = json.loads(tenant[len(_SALT_TENANT) :])
+    except ValueError:
+        return None
+    return pair[1] if isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str) else None

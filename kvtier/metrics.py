@@ -47,6 +47,9 @@ class _BackendCollector(Collector):
             "Chunks refused by the chunk policy (no valid MAC of their tenant, or another namespace); never decoded",
             labels=["tier"],
         )
+        refused = CounterMetricFamily(
+            "kvtier_tier_admission_refused", "New chunks a tier's admission filter refused", labels=["tier"]
+        )
         for source in self._sources:
             for s in source():
                 if s.max_bytes:  # managed elsewhere (Redis): no count beats a wrong one
@@ -58,7 +61,8 @@ class _BackendCollector(Collector):
                 rejected.add_metric([s.name], s.rejected_puts)
                 stale.add_metric([s.name], s.stale)
                 forged.add_metric([s.name], s.forged)
-        yield from (entries, used, budget, evictions, corrupt, rejected, stale, forged)
+                refused.add_metric([s.name], s.admission_refused)
+        yield from (entries, used, budget, evictions, corrupt, rejected, stale, forged, refused)
 
 
 class KvtierMetrics:

@@ -21,7 +21,7 @@ chunk and tenant), and, with a secret, the keys that sign and verify their
 chunks. :mod:`kvtier.chunk` applies it: ``encode_parts`` puts the tag in the
 header's MAC field (flag bit 1), ``decode_header`` refuses a header that does
 not fit a registered namespace before anything is allocated, and
-``decode_payload`` verifies the tag before the checksum and before decoding.
+``decode_payload`` verifies the checksum, then the tag, before decoding.
 The MAC covers the header (its checksum included, computed with the MAC field
 zeroed), the token ids and the body.
 """
@@ -47,6 +47,10 @@ MAC_OFFSET = 144  # the header's reserved MAC field (see kvtier/chunk.py)
 MAC_LEN = 32
 MIN_SECRET_BYTES = 16
 _INFO = b"kvtier chunk mac v1\x00"
+_AEAD_INFO = b"kvtier chunk aead v1\x00"
+NONCE_LEN = 12
+AEAD_TAG_LEN = 16
+AEAD_OVERHEAD = NONCE_LEN + AEAD_TAG_LEN  # an encrypted body is nonce || ciphertext || tag
 
 
 @dataclass(frozen=True)
@@ -84,10 +88,55 @@ def load_secret(secret_file: str | Path | None = None, secret_env: str | None = 
     return None
 
 
-def derive_key(secret: Secret, tenant: str | None) -> bytes:
-    """The 32-byte MAC key of one tenant (HKDF-SHA256; None is the default tenant)."""
-    info = _INFO + (b"\x01" + tenant.encode() if tenant is not None else b"\x00")
+def derive_key(secret: Secret, tenant: str | None, *, purpose: bytes = _INFO) -> bytes:
+    """The 32-byte MAC key of one tenant (HKDF-SHA256; None is the default tenant).
+
+    ``purpose`` separates keys made from one secret: the MAC key (default) and the encryption key
+    (:func:`derive_aead_key`) of a tenant are unrelated.
+    """
+    info = purpose + (b"\x01" + tenant.encode() if tenant is not None else b"\x00")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret.value)
+
+
+def derive_aead_key(secret: Secret, tenant: str | None) -> bytes:
+    """The 32-byte AES-256-GCM key that encrypts one tenant's chunk bodies."""
+    return derive_key(secret, tenant, purpose=_AEAD_INFO)
+
+
+class ChunkCipher:
+    """AES-256-GCM of one tenant's chunk bodies: encrypts with the newest key, decrypts with any accepted one.
+
+    The associated data binds a ciphertext to its chunk (key digest and namespace), so a body moved to
+    another chunk does not decrypt. Thread-safe.
+    """
+
+    def __init__(self, secret: Secret, tenant: str | None, old_secrets: Sequence[Secret] = ()) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aeads = tuple(AESGCM(derive_aead_key(s, tenant)) for s in (secret, *old_secrets))
+
+    def __repr__(self) -> str:
+        return f"ChunkCipher(keys={len(self._aeads)})"
+
+    def encrypt(self, body: bytes | memoryview, aad: bytes) -> bytes:
+        """nonce || ciphertext || tag of ``body`` (a fresh random 96-bit nonce per chunk)."""
+        nonce = os.urandom(NONCE_LEN)
+        return nonce + self._aeads[0].encrypt(nonce, body, aad)
+
+    def decrypt(self, stored: bytes | memoryview, aad: bytes) -> bytes | None:
+        """The body, or None when no accepted key opens it (tampered, another tenant's, a dropped old key)."""
+        from cryptography.exceptions import InvalidTag
+
+        view = memoryview(stored)
+        if len(view) < AEAD_OVERHEAD:
+            return None
+        nonce, sealed = bytes(view[:NONCE_LEN]), view[NONCE_LEN:]
+        for aead in self._aeads:
+            try:
+                return aead.decrypt(nonce, sealed, aad)
+            except InvalidTag:
+                continue
+        return None
 
 
 def _tag(key: bytes, encoded: memoryview, body: memoryview | None = None) -> bytes:
@@ -143,6 +192,7 @@ class Expected:
     layout: KVLayout
     max_tokens: int
     auth: ChunkAuthenticator | None
+    cipher: ChunkCipher | None = None  # set when the policy encrypts (and then decrypts) chunk bodies
 
 
 class ChunkPolicy:
@@ -159,9 +209,14 @@ class ChunkPolicy:
     cannot be verified at all: it is refused.
     """
 
-    def __init__(self, secret: Secret | None = None, old_secrets: Sequence[Secret] = ()) -> None:
+    def __init__(
+        self, secret: Secret | None = None, old_secrets: Sequence[Secret] = (), *, encrypt: bool = False
+    ) -> None:
         if secret is None and old_secrets:
             raise ValueError("security: old secrets without a current secret")
+        if encrypt and secret is None:
+            raise ValueError("security: encryption needs a secret (security.secret_file or secret_env)")
+        self.encrypts = encrypt  # chunk bodies written are AES-256-GCM encrypted (encrypted ones read either way)
         self._secret = secret
         self._old = tuple(old_secrets)
         self._lock = threading.Lock()
@@ -173,7 +228,10 @@ class ChunkPolicy:
         return self._secret is not None
 
     def __repr__(self) -> str:
-        return f"ChunkPolicy(signs={self.signs}, old_secrets={len(self._old)}, namespaces={len(self._known)})"
+        return (
+            f"ChunkPolicy(signs={self.signs}, encrypts={self.encrypts}, old_secrets={len(self._old)}, "
+            f"namespaces={len(self._known)})"
+        )
 
     def register(self, digest: bytes, tenant: str | None, layout: KVLayout, max_tokens: int) -> None:
         """Accept chunks of the namespace ``digest`` (of ``tenant``): at most ``max_tokens`` tokens in ``layout``.
@@ -189,10 +247,13 @@ class ChunkPolicy:
                     raise ValueError("a namespace digest registered with two layouts")
                 if old.max_tokens >= max_tokens:
                     return
-                auth = old.auth
+                auth, cipher = old.auth, old.cipher
+            elif self._secret is not None:
+                auth = ChunkAuthenticator(self._secret, tenant, self._old)
+                cipher = ChunkCipher(self._secret, tenant, self._old)  # readers decrypt even if they do not encrypt
             else:
-                auth = ChunkAuthenticator(self._secret, tenant, self._old) if self._secret is not None else None
-            self._known[digest] = Expected(layout, max_tokens, auth)
+                auth = cipher = None
+            self._known[digest] = Expected(layout, max_tokens, auth, cipher)
 
     def expected(self, digest: bytes) -> Expected | None:
         """The registered expectations of a namespace, or None."""

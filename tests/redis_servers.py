@@ -180,13 +180,15 @@ class BlackHoleProxy:
 
     ``reply_delay_s``: every piece of data the server sends is held this
     long before it is passed on (a slow server that still answers within a
-    client's socket timeout). Settable while running.
+    client's socket timeout). Settable while running. While ``garbage`` is
+    set, what the server sends is replaced by random bytes of the same length.
     """
 
     def __init__(self, target_port: int, *, reply_delay_s: float = 0.0) -> None:
         self.target_port = target_port
         self.reply_delay_s = reply_delay_s
         self.black_hole = threading.Event()
+        self.garbage = threading.Event()
         self._stop = threading.Event()
         self._listener = socket.create_server((HOST, 0))
         self._listener.settimeout(0.05)
@@ -249,6 +251,8 @@ class BlackHoleProxy:
                 continue  # swallowed
             if reply and self.reply_delay_s:
                 time.sleep(self.reply_delay_s)
+            if reply and self.garbage.is_set():
+                data = random.randbytes(len(data))
             try:
                 dst.sendall(data)
             except OSError:

@@ -206,11 +206,51 @@ def test_clear_all_is_seen_by_an_event_subscriber(inst: Instance) -> None:
         sub.close()
 
 
-def test_pin_is_a_clear_501_without_engine_pinning(inst: Instance) -> None:
-    if hasattr(inst.engine, "pin"):
-        pytest.skip("this build has CacheEngine.pin")
+def test_pinned_prefixes_survive_eviction_until_unpinned(tmp_path: Path, namespace: Namespace) -> None:
+    (tmp_path / "token").write_text(TOKEN)
+    overrides = _overrides(tmp_path) | {"l1.max_bytes": str(12 * CHUNK * 2 * 2 * 2 * 4 * 4), "node.enabled": "false"}
+    config = load_config(env={}, overrides=overrides)
+    engine = CacheEngine.from_config(config, namespace).start()
+    server = AdminServer(config.admin, AdminService(engine))
+    http = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+
+        def store(tokens: list[int]) -> None:
+            engine.store(np.array(tokens), torch.randn(engine.layout.chunk_shape(len(tokens))))
+
+        doc = list(range(1, 1 + 3 * CHUNK))
+        r = http.post("/pin", json={"token_ids": doc})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"chunks": 3, "tiers": [t.name for t in engine.tiers.tiers if hasattr(t, "pin")]}
+        assert "l1" in r.json()["tiers"]
+        store(doc)
+        l1 = engine.tiers.tiers[0]
+        for i in range(6):  # 18 more chunks through a 12-chunk l1
+            store([1000 + 100 * i + j for j in range(3 * CHUNK)])
+        pinned = {s.key for s in chunk_spans(namespace, doc, CHUNK)}
+        assert pinned <= set(l1.keys_lru_order())
+        assert http.post("/unpin", json={"token_ids": doc}).status_code == 200
+        for i in range(6):
+            store([5000 + 100 * i + j for j in range(3 * CHUNK)])
+        assert not pinned & set(l1.keys_lru_order())  # evictable again, and evicted
+    finally:
+        http.close()
+        server.close()
+        engine.close()
+
+
+def test_pin_and_unpin_over_http(inst: Instance) -> None:
     r = inst.http.post("/pin", json={"token_ids": DOC_A})
-    assert r.status_code == 501 and "not supported" in r.json()["error"]
+    assert r.status_code == 200 and r.json()["chunks"] == 3  # whole chunks only
+    assert inst.engine.pinned_bytes() > 0
+    r = inst.http.post("/pin", json={"token_ids": DOC_A[:2]})  # shorter than one chunk
+    assert r.status_code == 400 and "nothing to pin" in r.json()["error"]
+    inst.engine.pin_max_bytes = inst.engine.pinned_bytes()  # the tenant's cap is reached
+    r = inst.http.post("/pin", json={"token_ids": list(range(100, 130))})
+    assert r.status_code == 409 and "over its cap" in r.json()["error"]
+    r = inst.http.post("/unpin", json={"token_ids": DOC_A})
+    assert r.status_code == 200 and r.json()["chunks"] == 3
+    assert inst.engine.pinned_bytes() == 0
 
 
 def test_the_cli_client(inst: Instance) -> None:

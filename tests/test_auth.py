@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvtier.chunk import FLAG_MAC, Chunk, decode, decode_header, encode
+from kvtier.chunk import FLAG_MAC, Chunk, _checksum, decode, decode_header, encode
 from kvtier.config import KvtierConfig, load_config
 from kvtier.engine import CacheEngine
 from kvtier.errors import ChunkAuthError
@@ -139,6 +139,8 @@ def test_forged_chunk_in_redis_is_served_without_a_secret_and_refused_with_one(
     fake = bytearray(value)
     fake[6] |= FLAG_MAC
     fake[MAC_OFFSET : MAC_OFFSET + MAC_LEN] = b"\x5a" * MAC_LEN
+    n = decode_header(value).tokens.size
+    fake[176:192] = _checksum(fake[:176], fake[192 : 192 + 4 * n], fake[192 + 4 * n :])  # self-consistent again
     _plant_redis(server, signed, chunk, bytes(fake))
     assert signed.retrieve(tokens).num_tokens == 0 and l3.stats().forged == 2
 
@@ -252,3 +254,56 @@ def test_secret_settings_are_checked_and_never_shown(tmp_path, monkeypatch, name
     config = _config(tmp_path, **{"security.secret_env": "KVT_SECRET"})
     policy = chunk_policy(config)
     assert policy.signs and SECRET not in repr(policy) + repr(config) + str(config.model_dump())
+
+
+# -- encryption at rest ------------------------------------------------------------------------------------------
+
+
+def test_encrypted_chunks_on_disk_hide_the_kv_and_open_only_with_the_tenants_key(
+    tmp_path, secret_file, make_engine, layout
+) -> None:
+    ns = Namespace("m", layout, tenant="a")
+    tokens = _tokens(8, 11)
+    kv = torch.full((layout.num_layers, 2, layout.num_kv_heads, 8, layout.head_dim), 0.5)  # a recognisable payload
+    encrypting = {"security.secret_file": str(secret_file), "security.encrypt": "true"}
+    writer = make_engine(_config(tmp_path, **encrypting), ns)
+    writer.store(tokens, kv)
+    writer.flush()
+    files = sorted((tmp_path / "chunks").glob("*/*.kvc"))
+    assert len(files) == 2
+    plain_kv = kv[:, :, :, :C].contiguous().numpy().tobytes()
+    for path in files:
+        data = path.read_bytes()
+        assert decode_header(data[:4096], policy=writer.tiers.policy).payload_len == len(plain_kv) + 28
+        assert plain_kv[:64] not in data  # the KV is not there in clear
+    # the same secret reads it back (encrypting or not); without the secret, or as another tenant: refused
+    reader = make_engine(_config(tmp_path, **{"security.secret_file": str(secret_file)}), ns)
+    got = reader.retrieve(tokens)
+    assert got.num_tokens == 8 and torch.equal(torch.stack(got.layers), kv)
+    with pytest.raises(ChunkAuthError, match="no key for it here"):
+        decode(files[0].read_bytes())
+    other = ChunkPolicy(Secret(SECRET.encode()))
+    other.register(ns.digest, "b", layout, C)  # b's keys for a's namespace
+    with pytest.raises(ChunkAuthError):
+        decode(files[0].read_bytes(), policy=other)
+
+
+@needs_redis
+def test_encrypted_chunks_in_redis_round_trip(server, tmp_path, secret_file, make_engine, namespace, layout) -> None:
+    with server.client() as client:
+        client.flushall()
+    config = _config(
+        tmp_path, redis_url=server.url, **{"security.secret_file": str(secret_file), "security.encrypt": "true"}
+    )
+    engine = make_engine(config, namespace)
+    tokens, kv = _tokens(8, 12), _kv(layout, 8, 12)
+    engine.store(tokens, kv)
+    engine.flush()
+    with server.client() as client:
+        value = client.get(engine.tiers.tiers[-1].redis_key(chunk_spans(namespace, tokens, C)[0].key))
+    assert kv[:, :, :, :C].contiguous().numpy().tobytes()[:64] not in value
+    again = make_engine(config, namespace)
+    got = again.retrieve(tokens)
+    assert got.num_tokens == 8 and torch.equal(torch.stack(got.layers), kv)
+    plain = make_engine(_config(tmp_path, redis_url=server.url), namespace)  # no secret: cannot open them
+    assert plain.retrieve(tokens).num_tokens == 0 and plain.tiers.tiers[-1].stats().forged == 2

@@ -365,7 +365,7 @@ def test_newer_version_and_unknown_flags_are_version_errors(layout: KVLayout) ->
     assert VERSION == 2 and MAGIC == b"KVTC"
     with pytest.raises(ChunkVersionError, match="version 3"):
         decode(forge(data, version=3))
-    for flag in (4, 0x8000):  # bits a later format (encryption) will set
+    for flag in (8, 0x8000):  # bits a later format may set
         with pytest.raises(ChunkVersionError, match="flags"):
             decode(forge(data, flags=1 | flag))
 

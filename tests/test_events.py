@@ -239,3 +239,59 @@ def test_index_match_walks_the_prefix() -> None:
     assert index.match([1, 2, 3, 4, 5])["l1"] == 2
     index.apply(3, KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
     assert index.gap and index.snapshot() == {}
+
+
+def test_root_chunks_name_their_cache_salt_and_the_index_keeps_tenants_apart(
+    tmp_path: Path, namespace: Namespace
+) -> None:
+    from kvtier.keys import tenant_salt
+
+    config = _config(tmp_path, None)
+    engine = CacheEngine.from_config(config, namespace).start()
+    publisher = engine.tiers.events
+    assert isinstance(publisher, EventPublisher)
+    sub = EventSubscriber(publisher.endpoint, topic="kvtier-test", replay_endpoint=publisher.replay_endpoint)
+    try:
+        tokens = list(range(500, 500 + 3 * CHUNK))
+        alice = CacheEngine(namespace.with_tenant(tenant_salt(None, "alice")), engine.tiers, chunk_size=CHUNK)
+        alice.store(np.array(tokens), torch.randn(namespace.layout.chunk_shape(len(tokens))))
+        engine.store(np.array(tokens[:CHUNK]), torch.randn(namespace.layout.chunk_shape(CHUNK)))  # no salt
+        engine.flush()
+        assert publisher.flush()
+        _wait(lambda: sub.index.next_seq == publisher.published)
+        index = sub.index
+        assert index.match(tokens, ["l1"], cache_salt="alice") == {"l1": 3 * CHUNK}
+        assert index.match(tokens, ["l1"], cache_salt="bob") == {"l1": 0}
+        assert index.match(tokens, ["l1"], cache_salt=None) == {"l1": CHUNK}  # the unsalted tenant's one chunk
+        assert index.match(tokens, ["l1"]) == {"l1": 3 * CHUNK}  # any tenant
+        assert set(index.salts.values()) == {None, "alice"}
+    finally:
+        sub.close()
+        engine.close()
+
+
+def test_a_restarted_publisher_starts_the_index_afresh() -> None:
+    first = EventPublisher("tcp://127.0.0.1:0")
+    endpoint = first.endpoint
+    sub = EventSubscriber(endpoint)
+    try:
+        time.sleep(0.3)
+        a, b = ChunkKey(b"a" * 32), ChunkKey(b"b" * 32)
+        for _ in range(3):
+            first.removed("l1", [a])
+        assert first.flush()
+        _wait(lambda: sub.index.next_seq >= 1)
+        sub.index.held.setdefault("l1", set()).add(b.digest)  # something the old publisher had reported held
+        first.close()
+        second = EventPublisher(endpoint)
+        try:
+            time.sleep(0.3)
+            second.removed("l2", [a])
+            assert second.flush()
+            _wait(lambda: sub.index.next_seq == 1 and "l2" in sub.index.held)
+            assert sub.index.snapshot() == {}  # the old publisher's view is gone, the new one's applied
+            assert not sub.stale
+        finally:
+            second.close()
+    finally:
+        sub.close()

@@ -38,9 +38,9 @@ from kvtier.chunk import Chunk, encode
 from kvtier.codec import Codec
 from kvtier.config import KvtierConfig, L3Config, load_config
 from kvtier.engine import CacheEngine
+from kvtier.errors import StorageError
 from kvtier.keys import ChunkKey, Namespace, chunk_spans
 from kvtier.layout import KVLayout
-from kvtier.errors import StorageError
 from kvtier.storage import StorageBackend
 from kvtier.storage.redis import RedisBackend
 

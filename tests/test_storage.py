@@ -44,10 +44,11 @@ def kit(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kit]:
     made: list[StorageBackend] = []
 
     def make(max_bytes: int) -> StorageBackend:
+        # the contract's exact orders are LRU's (tests/test_policies.py covers the other policies)
         if request.param == "memory":
-            backend: StorageBackend = MemoryBackend(max_bytes)
+            backend: StorageBackend = MemoryBackend(max_bytes, eviction="lru")
         else:
-            backend = DiskBackend(tmp_path / f"disk{len(made)}", max_bytes)
+            backend = DiskBackend(tmp_path / f"disk{len(made)}", max_bytes, eviction="lru")
         backend.start()
         made.append(backend)
         return backend

@@ -64,7 +64,10 @@ class ClearResponse(_Strict):
 
 
 class PinResponse(_Strict):
-    pinned_chunks: int
+    """How many chunk keys of the prefix were pinned (or unpinned) on each tier that pins."""
+
+    chunks: int
+    tiers: list[str]
 
 
 class TierStatsModel(_Strict):

@@ -21,6 +21,7 @@ from kvtier.admin.models import (
     TierStatsModel,
 )
 from kvtier.engine import CacheEngine
+from kvtier.errors import PinLimitError
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import ChunkInfo, Inventoried, is_read_only
 from kvtier.storage.events import EventPublisher
@@ -94,13 +95,23 @@ class AdminService:
         )
 
     def pin(self, req: PromptRef, *, pin: bool = True) -> PinResponse:
+        """Pin (never evict, until as many unpins) the prefix's chunks on every tier that can pin.
+
+        The keys are the prefix's full chunks and, with ``store_partial``, its trailing partial chunk,
+        held now or stored later; a pinned chunk's ancestors stay as well (the tiers' rule). 501 when no
+        tier of this server pins.
+        """
         self._check_model(req.model)
         engine = self.engine_for(req.cache_salt)
-        op = getattr(engine, "pin" if pin else "unpin", None)
-        if op is None:
-            raise AdminError(501, "pin/unpin is not supported by this kvtier build (no CacheEngine.pin)")
-        result = op(self._tokens(req.prompt, req.token_ids))
-        return PinResponse(pinned_chunks=int(result if isinstance(result, int) else getattr(result, "chunks", 0)))
+        tiers = [t.name for t in self.base.tiers.tiers if callable(getattr(t, "pin", None)) and not is_read_only(t)]
+        if not tiers:
+            raise AdminError(501, "pin/unpin is not supported by this server's tiers")
+        tokens = self._tokens(req.prompt, req.token_ids)
+        try:  # through the engine: whole chunks, the tenant's cap (pins.max_bytes_per_tenant)
+            chunks = engine.pin(tokens).chunks if pin else engine.unpin(tokens)
+        except ValueError as exc:  # PinLimitError (over the tenant's cap) or a prompt shorter than one chunk
+            raise AdminError(409 if isinstance(exc, PinLimitError) else 400, str(exc)) from exc
+        return PinResponse(chunks=chunks, tiers=tiers)
 
     def clear(self, req: ClearRequest) -> ClearResponse:
         self._check_model(req.model)

@@ -127,12 +127,15 @@ class Router:
         return None
 
     async def _hit(self, b: Backend, tokens: list[int], salt: str | None, model: str | None) -> tuple[int, int]:
-        """(local, shared) leading tokens this instance's index (or admin lookup) says it holds."""
+        """(local, shared) leading tokens of this tenant (``salt``) this instance's index (or admin lookup) holds."""
         cfg = self.config
         if b.index_usable:
             assert b.subscriber is not None
             index = b.subscriber.index
-            return index.match_any(tokens, cfg.local_media), index.match_any(tokens, cfg.shared_media)
+            return (
+                index.match_any(tokens, cfg.local_media, cache_salt=salt),
+                index.match_any(tokens, cfg.shared_media, cache_salt=salt),
+            )
         self.index_fallbacks += 1
         if b.config.admin is not None:
             body: dict[str, Any] = {"token_ids": tokens}
@@ -149,13 +152,13 @@ class Router:
                 pass
         return 0, 0
 
-    def _shared(self, tokens: list[int]) -> int:
+    def _shared(self, tokens: list[int], salt: str | None) -> int:
         """What the shared tier holds of ``tokens``, by any instance's index (every instance reads it)."""
         best = 0
         for b in self.backends:
             if b.index_usable:
                 assert b.subscriber is not None
-                best = max(best, b.subscriber.index.match_any(tokens, self.config.shared_media))
+                best = max(best, b.subscriber.index.match_any(tokens, self.config.shared_media, cache_salt=salt))
         return best
 
     async def order(self, path: str, body: dict[str, Any]) -> tuple[list[Backend], int]:
@@ -173,17 +176,16 @@ class Router:
             tokens = []
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         hits = await asyncio.gather(*(self._hit(b, tokens, salt, body.get("model")) for b in rotated))
-        shared = self._shared(tokens) if tokens else 0
+        shared = self._shared(tokens, salt) if tokens else 0
         cands = [
             Candidate(str(i), local, max(sh, shared), b.in_flight, b.queued_prefill_tokens)
             for i, (b, (local, sh)) in enumerate(zip(rotated, hits, strict=True))
         ]
         ranked = rank(
             cands,
-            len(tokens),
             beta=self.config.beta,
             shared_credit=self.config.shared_credit,
-            prefill_norm_tokens=self.config.prefill_norm_tokens,
+            decode_tokens_per_request=self.config.decode_tokens_per_request,
         )
         best = ranked[0][0]
         return [rotated[int(c.name)] for c, _ in ranked], len(tokens) - best.local_tokens

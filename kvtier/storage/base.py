@@ -50,6 +50,7 @@ class BackendStats:
     corrupt: int
     stale: int = 0  # entries in an older chunk format: a counted miss, removed by a writer
     forged: int = 0  # entries the chunk policy refused (no valid MAC, or another namespace): a counted miss
+    admission_refused: int = 0  # new chunks the tier's admission filter refused (also in rejected_puts)
 
 
 @runtime_checkable

@@ -81,7 +81,7 @@ def chunk_policy(config: KvtierConfig) -> ChunkPolicy:
     except (OSError, ValueError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"security: cannot load a chunk-signing secret: {why}") from None
-    return ChunkPolicy(secret, [s for s in old if s is not None])
+    return ChunkPolicy(secret, [s for s in old if s is not None], encrypt=sec.encrypt)
 
 
 def _folder_access(group: str | None) -> FolderAccess:
@@ -103,7 +103,15 @@ def build_backends(
         policy = chunk_policy(config)
     backends: list[StorageBackend] = []
     if config.l1.enabled and access.memory:
-        backends.append(MemoryBackend(int(config.l1.max_bytes), codec=get_codec(config.l1.codec), name="l1"))
+        backends.append(
+            MemoryBackend(
+                int(config.l1.max_bytes),
+                codec=get_codec(config.l1.codec),
+                name="l1",
+                eviction=config.l1.policy,
+                admission=config.l1.admission,
+            )
+        )
     if config.node.enabled:
         assert config.node.max_bytes is not None  # the config refuses an enabled node tier without a budget
         backends.append(
@@ -127,6 +135,7 @@ def build_backends(
                 watch=access.watch,
                 read_only=access.read_only,
                 policy=policy,
+                eviction=config.l2.policy,
                 access=_folder_access(config.l2.shared_group),
             )
         )

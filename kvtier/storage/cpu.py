@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from kvtier.chunk import CODEC_RAW, Chunk, decode, decode_header
 from kvtier.codec import Codec
-from kvtier.eviction import PrefixLRU
+from kvtier.eviction import DEFAULT_POLICY, BudgetIndex, make_admission, make_policy
 from kvtier.keys import ChunkKey
 from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener, encode_or_none
 
@@ -21,22 +21,36 @@ class MemoryBackend:
 
     With a non-raw ``codec`` chunks are held encoded (smaller, so more fit the
     budget) and decoded on every ``get``; the budget then counts encoded bytes.
+
+    ``eviction`` names the eviction policy (:func:`kvtier.eviction.make_policy`;
+    victims are always leaves, never a pinned chunk); ``admission`` whether a
+    new chunk is taken at all (``always``, or ``second_sight``: on its second
+    offer; each refusal is counted in ``admission_refused`` and in
+    ``rejected_puts``).
     """
 
     in_process = True  # written on the caller's thread (see TierStack)
     read_only = False
     on_removed: RemovalListener | None = None  # told of evictions (see storage/base.py)
 
-    def __init__(self, max_bytes: int, *, codec: Codec | None = None, name: str = "l1") -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        codec: Codec | None = None,
+        name: str = "l1",
+        eviction: str = DEFAULT_POLICY,
+        admission: str = "always",
+    ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.name = name
         self.max_bytes = max_bytes
         self.codec = codec if codec is not None and codec.name != CODEC_RAW else None
+        self.eviction = eviction
         self._chunks: dict[ChunkKey, Chunk | bytes] = {}
-        self._lru = PrefixLRU()
+        self._index = BudgetIndex(max_bytes, make_policy(eviction), make_admission(admission))
         self._lock = threading.Lock()
-        self._evictions = 0
         self._rejected = 0
 
     def start(self) -> None:
@@ -49,7 +63,7 @@ class MemoryBackend:
     def get(self, keys: Sequence[ChunkKey]) -> list[Chunk | None]:
         with self._lock:
             held = [self._chunks.get(k) for k in keys]
-            self._lru.touch([k for k, c in zip(keys, held, strict=True) if c is not None])
+            self._index.hit([k for k, c in zip(keys, held, strict=True) if c is not None])
         return [decode(bytearray(c)) if isinstance(c, bytes) else c for c in held]
 
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
@@ -64,50 +78,68 @@ class MemoryBackend:
         return results
 
     def _put_one(self, chunk: Chunk, held: Chunk | bytes) -> bool:
-        if chunk.key in self._chunks:
-            self._lru.touch([chunk.key])
-            return True
-        self._lru.add(chunk.key, chunk.parent, chunk.nbytes if isinstance(held, Chunk) else len(held))
-        victims = self._lru.plan_eviction(0, self.max_bytes, protect=[chunk.key])
+        nbytes = chunk.nbytes if isinstance(held, Chunk) else len(held)
+        victims = self._index.insert(chunk.key, chunk.parent, nbytes, tokens=chunk.num_tokens)
         if victims is None:
-            self._lru.remove(chunk.key)
             self._rejected += 1
             return False
         for victim in victims:
-            self._lru.remove(victim)
             del self._chunks[victim]
-        self._evictions += len(victims)
         if victims and self.on_removed is not None:
             self.on_removed(victims)
         self._chunks[chunk.key] = held
-        assert self._lru.used_bytes <= self.max_bytes
         return True
+
+    def sighted(self, key: ChunkKey) -> None:
+        """``key`` was offered but not put (its parent was refused): admission counts the sighting."""
+        with self._lock:
+            self._index.sighted(key)
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        """Never evict these chunks (held now or later), nor their ancestors, until as many :meth:`unpin`."""
+        with self._lock:
+            for k in keys:
+                self._index.policy.pin(k)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for k in keys:
+                self._index.policy.unpin(k)
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         with self._lock:
             removed = 0
             for k in keys:
                 if self._chunks.pop(k, None) is not None:
-                    self._lru.remove(k)
+                    self._index.remove(k)
                     removed += 1
             return removed
 
     def clear(self) -> int:
+        """Remove every chunk (pins stay: a pinned chunk stored again is pinned)."""
         with self._lock:
             n = len(self._chunks)
+            for k in list(self._chunks):
+                self._index.remove(k)
             self._chunks.clear()
-            self._lru = PrefixLRU()
             return n
 
     def keys_lru_order(self) -> list[ChunkKey]:
-        """Keys from least to most recently used (for inspection and tests)."""
+        """Keys in the policy's order, first to be evicted first (with ``lru``: least recently used first)."""
         with self._lock:
-            return list(self._lru)
+            return list(self._index.policy)
 
     def stats(self) -> BackendStats:
         with self._lock:
             return BackendStats(
-                self.name, len(self._chunks), self._lru.used_bytes, self.max_bytes, self._evictions, self._rejected, 0
+                self.name,
+                len(self._chunks),
+                self._index.policy.used_bytes,
+                self.max_bytes,
+                self._index.evictions,
+                self._rejected,
+                0,
+                admission_refused=self._index.admission_refused,
             )
 
     def close(self) -> None:

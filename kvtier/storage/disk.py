@@ -43,7 +43,7 @@ from pathlib import Path
 from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
-from kvtier.eviction import PrefixLRU
+from kvtier.eviction import DEFAULT_POLICY, make_policy
 from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
 from kvtier.storage.base import BackendStats, ChunkInfo, RemovalListener
@@ -88,6 +88,7 @@ class DiskBackend:
         read_threads: int | None = None,
         policy: ChunkPolicy | None = None,
         access: FolderAccess | None = None,
+        eviction: str = DEFAULT_POLICY,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -102,7 +103,8 @@ class DiskBackend:
         self.read_only = read_only
         self._dirs: dict[str, tuple[int, int]] = {}  # watched folder -> (its mtime, when it was listed), ns
         self._in_dir: dict[str, set[ChunkKey]] = {}
-        self._lru = PrefixLRU()
+        self.eviction = eviction
+        self._lru = make_policy(eviction)  # this process's view; its plan is the ledger's preferred victims
         self._parents: dict[ChunkKey, ChunkKey | None] = {}
         self._pending: set[ChunkKey] = set()  # reserved in the index, file not yet in place
         self._last_mtime = 0
@@ -177,9 +179,9 @@ class DiskBackend:
         self._parents[key] = parent
         self._in_dir.setdefault(key.hex()[:2], set()).add(key)
 
-    def _forget(self, key: ChunkKey) -> Path:
+    def _forget(self, key: ChunkKey, *, evicted: bool = False) -> Path:
         path = self._path_of(key)
-        self._lru.remove(key)
+        self._lru.remove(key, evicted=evicted)
         del self._parents[key]
         self._in_dir.get(key.hex()[:2], set()).discard(key)
         return path
@@ -353,18 +355,25 @@ class DiskBackend:
                 return True
             self._index(chunk.key, chunk.parent, size)
             self._pending.add(chunk.key)
+            # this process's policy picks the victims it prefers; the ledger takes them first (if they are
+            # still leaves of complete files there), then its own least recently used order
+            protect = [chunk.key] + ([chunk.parent] if chunk.parent is not None else [])
+            prefer = self._lru.plan_eviction(0, self.max_bytes, protect=protect) or []
+            pinned = self._pinned_keys()
         path = self._path(chunk.key, chunk.parent)
         tmp = tmp_path(self.root, chunk.key)
         # the folder's budget: the ledger picks (and unlinks) victims among every process's chunks
         try:
-            reservation = self._ledger.reserve(chunk.key, chunk.parent, size, self.max_bytes, tmp)
+            reservation = self._ledger.reserve(
+                chunk.key, chunk.parent, size, self.max_bytes, tmp, prefer=prefer, protect=pinned
+            )
         except StorageError as exc:
             log.warning("disk tier: cannot reserve room for %s: %s", chunk.key.hex()[:16], exc)
             reservation = None
         with self._lock:
             for victim, _ in reservation.victims if reservation is not None else ():
                 if victim in self._lru and victim not in self._pending:
-                    self._forget(victim)
+                    self._forget(victim, evicted=True)
             if reservation is None or reservation.held:  # no room; or another process holds or writes it
                 self._pending.discard(chunk.key)
                 if reservation is None:
@@ -394,6 +403,22 @@ class DiskBackend:
         with self._lock:
             self._pending.discard(chunk.key)
         return True
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        """Never evict these chunks (present now or later) from this folder, nor their ancestors, until as many
+        :meth:`unpin`. Kept by this process: another process writing the folder honours them only while this one
+        is the writer whose reservation evicts (each writer passes its own pins to the ledger)."""
+        with self._lock:
+            for k in keys:
+                self._lru.pin(k)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for k in keys:
+                self._lru.unpin(k)
+
+    def _pinned_keys(self) -> list[ChunkKey]:
+        return self._lru.pinned_keys()
 
     def delete(self, keys: Sequence[ChunkKey]) -> int:
         """Remove keys and their files (a read-only tier only forgets them)."""

@@ -57,12 +57,14 @@ import msgspec
 import zmq
 
 from kvtier.chunk import Chunk
-from kvtier.keys import ChunkKey
+from kvtier.keys import ChunkKey, cache_salt_of
 from kvtier.threads import spread
 
 log = logging.getLogger(__name__)
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+ANY = object()  # EventIndex.match: chunks of any tenant
+_MAX_NAMESPACES = 100_000  # tenants whose cache_salt root events name (beyond: their roots carry none)
 REPLAY_WAIT_S = 5.0  # a subscriber waits this long for a replay's next message (a busy publisher is slow)
 
 
@@ -127,6 +129,9 @@ class TierEvents:
     def stored(self, tier: str, chunks: Sequence[Chunk]) -> None:
         pass
 
+    def namespace(self, digest: bytes, tenant: str | None) -> None:
+        """An engine over the stack uses this namespace (its root chunks' events name its cache_salt)."""
+
     def removed(self, tier: str, keys: Sequence[ChunkKey]) -> None:
         pass
 
@@ -153,7 +158,7 @@ _CLEARED = object()
 _STOP = object()
 
 
-def _to_events(item: object) -> list[KVCacheEvent]:
+def _to_events(item: object, salts: dict[bytes, str | None]) -> list[KVCacheEvent]:
     if isinstance(item, _Stored):
         return [
             BlockStored(
@@ -164,6 +169,8 @@ def _to_events(item: object) -> list[KVCacheEvent]:
                 lora_id=None,
                 medium=item.tier,
                 lora_name=None,
+                # as vLLM: the cache_salt is an extra key of the first block (the one whose hash includes it)
+                extra_keys=[(salt,)] if c.parent is None and (salt := salts.get(c.namespace)) is not None else None,
             )
             for c in item.chunks
         ]
@@ -225,6 +232,7 @@ class EventPublisher(TierEvents):
         self._dropped = 0
         self._published = 0
         self._seq = 0
+        self._salts: dict[bytes, str | None] = {}  # namespace digest -> the cache_salt of its tenant
         # spread: not on the one core vLLM's CPU worker pins its main thread (and so this thread) to
         self._thread = threading.Thread(target=spread(self._loop), name="kvtier-events", daemon=True)
         self._thread.start()
@@ -246,6 +254,10 @@ class EventPublisher(TierEvents):
     def removed(self, tier: str, keys: Sequence[ChunkKey]) -> None:
         if keys:
             self._offer(_Removed(tier, tuple(keys)))
+
+    def namespace(self, digest: bytes, tenant: str | None) -> None:
+        if len(self._salts) < _MAX_NAMESPACES:
+            self._salts[digest] = cache_salt_of(tenant)
 
     def all_cleared(self) -> None:
         self._offer(_CLEARED)
@@ -310,7 +322,7 @@ class EventPublisher(TierEvents):
                 events: list[KVCacheEvent] = []
                 for item in items:
                     if item is not _STOP:
-                        events.extend(_to_events(item))
+                        events.extend(_to_events(item, self._salts))
                 if events:
                     self._send(encoder.encode(EventBatch(ts=time.time(), events=events)))
                 for _ in items:
@@ -372,9 +384,22 @@ class EventIndex:
         # parent -> its children's token ids -> their hashes (several where tenants share tokens)
         self.children: dict[bytes | None, dict[tuple[int, ...], set[bytes]]] = {}
         self.lengths: dict[bytes | None, set[int]] = {}
+        self.salts: dict[bytes, str | None] = {}  # root chunk -> the cache_salt in its extra keys (None: none)
         self.next_seq = 0
         self.gap = False
         self.last_event_at = 0.0
+
+    def reset(self) -> None:
+        """Forget everything (the publisher restarted: its sequence began again at 0)."""
+        with self._lock:
+            self.held.clear()
+            self.parents.clear()
+            self.tokens.clear()
+            self.children.clear()
+            self.lengths.clear()
+            self.salts.clear()
+            self.next_seq = 0
+            self.gap = False
 
     def apply(self, seq: int, batch: KVEventBatch) -> bool:
         """Apply one batch; False (nothing applied) if it is one already seen. Sets ``gap`` past a missing seq."""
@@ -400,6 +425,9 @@ class EventIndex:
                 held.add(h)
                 self.parents[h] = parent  # type: ignore[assignment]
                 self.tokens[h] = tuple(event.token_ids[i * per : (i + 1) * per])
+                if parent is None:
+                    extra = event.extra_keys[i] if event.extra_keys and i < len(event.extra_keys) else None
+                    self.salts[h] = next((x for x in extra or () if isinstance(x, str)), None)
                 self.children.setdefault(parent, {}).setdefault(self.tokens[h], set()).add(h)  # type: ignore[arg-type]
                 self.lengths.setdefault(parent, set()).add(len(self.tokens[h]))  # type: ignore[arg-type]
                 parent = h
@@ -416,23 +444,27 @@ class EventIndex:
         with self._lock:
             return {m: set(h) for m, h in self.held.items() if h}
 
-    def match(self, tokens: Sequence[int], media: Iterable[str] | None = None) -> dict[str, int]:
+    def match(
+        self, tokens: Sequence[int], media: Iterable[str] | None = None, *, cache_salt: object = ANY
+    ) -> dict[str, int]:
         """For a token sequence: per medium, how many leading tokens its chunks cover (a prefix walk).
 
-        A chunk counts for a medium only while every chunk before it is held there too.
+        A chunk counts for a medium only while every chunk before it is held there too. With
+        ``cache_salt`` (a string, or None for requests without one) only chains whose root names
+        that salt count (tenants never share chunks); by default any tenant's.
         """
         toks = tuple(int(t) for t in tokens)
         with self._lock:
             names = list(media) if media is not None else list(self.held)
-            return {m: self._walk(toks, [self.held.get(m, set())]) for m in names}
+            return {m: self._walk(toks, [self.held.get(m, set())], cache_salt) for m in names}
 
-    def match_any(self, tokens: Sequence[int], media: Iterable[str]) -> int:
+    def match_any(self, tokens: Sequence[int], media: Iterable[str], *, cache_salt: object = ANY) -> int:
         """Leading tokens covered by chunks each held in at least one of ``media`` (a prefix split across tiers)."""
         toks = tuple(int(t) for t in tokens)
         with self._lock:
-            return self._walk(toks, [self.held.get(m, set()) for m in media])
+            return self._walk(toks, [self.held.get(m, set()) for m in media], cache_salt)
 
-    def _walk(self, toks: tuple[int, ...], helds: list[set[bytes]]) -> int:
+    def _walk(self, toks: tuple[int, ...], helds: list[set[bytes]], salt: object) -> int:
         """At each step the longest stored child whose token ids match and that one of ``helds`` holds."""
         pos, parents, size = 0, [None], 0
         while True:
@@ -442,7 +474,12 @@ class EventIndex:
                 for n in sorted(self.lengths.get(parent, ()), reverse=True):
                     if pos + n > len(toks):
                         continue
-                    found = [h for h in kids.get(toks[pos : pos + n], ()) if any(h in held for held in helds)]
+                    found = [
+                        h
+                        for h in kids.get(toks[pos : pos + n], ())
+                        if any(h in held for held in helds)
+                        and (parent is not None or salt is ANY or self.salts.get(h) == salt)
+                    ]
                     if found:
                         step, size = found, n
                         break
@@ -497,6 +534,9 @@ class EventSubscriber:
             self.bad_messages += 1
             return
         seq = int.from_bytes(frames[1], "big")
+        if seq == 0 and self.index.next_seq > 0:  # a restarted publisher: what it held before is not known now
+            self.index.reset()
+            self.stale = False
         if seq > self.index.next_seq and self.replay_endpoint is not None:
             self._replay(self.index.next_seq)
         try:

@@ -269,7 +269,15 @@ class Ledger:
     # -- writes ------------------------------------------------------------------------------------------------
 
     def reserve(
-        self, key: ChunkKey, parent: ChunkKey | None, size: int, max_bytes: int, tmp: Path
+        self,
+        key: ChunkKey,
+        parent: ChunkKey | None,
+        size: int,
+        max_bytes: int,
+        tmp: Path,
+        *,
+        prefer: Sequence[ChunkKey] = (),
+        protect: Sequence[ChunkKey] = (),
     ) -> Reservation | None:
         """Reserve ``size`` bytes for ``key`` (to be written to ``tmp``), evicting leaves to stay within ``max_bytes``.
 
@@ -280,6 +288,11 @@ class Ledger:
         reservation inserted. None (nothing changed) when no choice of
         victims makes room. Blocks while another process holds the ledger's
         write lock (milliseconds). The caller must ``commit`` or ``abort``.
+
+        ``prefer``: victims the caller's eviction policy would choose, in
+        order: they go first (each only if it is still a leaf of a complete
+        file), then the least recently used leaves. ``protect``: keys never
+        chosen (the caller's pins).
         """
         if size > max_bytes:
             return None
@@ -295,7 +308,8 @@ class Ledger:
             used = db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0]
             if used + size > max_bytes:
                 used -= self._reclaim(db)
-            victims = _plan(db, used + size - max_bytes, protect={parent.digest} if parent is not None else set())
+            keep = {k.digest for k in protect} | ({parent.digest} if parent is not None else set())
+            victims = _plan(db, used + size - max_bytes, protect=keep, prefer=[k.digest for k in prefer])
             if victims is None:
                 return None
             self._evict(db, victims)
@@ -415,11 +429,17 @@ def _pair(key: bytes, parent: bytes | None) -> tuple[ChunkKey, ChunkKey | None]:
 
 
 def _plan(
-    db: sqlite3.Connection, need: int, *, protect: set[bytes], partial: bool = False
+    db: sqlite3.Connection,
+    need: int,
+    *,
+    protect: set[bytes],
+    partial: bool = False,
+    prefer: Sequence[bytes] = (),
 ) -> list[tuple[bytes, bytes | None, int]] | None:
     """Victims freeing ``need`` bytes: complete files that are leaves (no row names them as parent, counting
     victims already chosen), outside ``protect``, least recently used first. None when that cannot free enough
-    (``partial``: the victims found so far instead). Pure: reads the ledger only.
+    (``partial``: the victims found so far instead). ``prefer``: keys taken first, in that order, when they
+    qualify. Pure: reads the ledger only.
     """
     if need <= 0:
         return []
@@ -427,6 +447,9 @@ def _plan(
         "SELECT key, parent, size, (SELECT COUNT(*) FROM chunks d WHERE d.parent = c.key) "
         "FROM chunks c WHERE writer IS NULL ORDER BY used"
     ).fetchall()
+    if prefer:
+        first = {k: i for i, k in enumerate(prefer)}
+        rows.sort(key=lambda r: first.get(r[0], len(first)))  # stable: the rest stay least recently used first
     children = {key: n for key, _, _, n in rows}
     chosen: list[tuple[bytes, bytes | None, int]] = []
     taken: set[bytes] = set()

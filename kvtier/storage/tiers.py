@@ -313,6 +313,9 @@ class TierStack:
             for chunk in chunks:
                 if chunk.parent is not None and chunk.parent in refused:
                     refused.add(chunk.key)
+                    sighted = getattr(tier, "sighted", None)  # an admission filter counts it as offered
+                    if sighted is not None:
+                        sighted(chunk.key)
                     continue
                 if tier.put([chunk])[0]:
                     self.events.stored(tier.name, [chunk])  # now: an eviction by the next put is reported after it
@@ -414,6 +417,26 @@ class TierStack:
                 self._queued_keys.subtract(c.key for c in job.chunks)
                 self._queued_keys = +self._queued_keys
                 self._idle.notify_all()
+
+    def pin(self, keys: Sequence[ChunkKey]) -> list[str]:
+        """Pin ``keys`` in every tier that evicts by itself here (``l1``, ``l2`` writers); returns those tiers.
+
+        A pinned chunk (held now or stored later) and its ancestors are never evicted until :meth:`unpin`.
+        """
+        done = []
+        for t in self.tiers:
+            op = getattr(t, "pin", None)
+            if op is not None and not getattr(t, "read_only", False):
+                op(keys)
+                done.append(t.name)
+        return done
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        """Undo one :meth:`pin` of ``keys``."""
+        for t in self.tiers:
+            op = getattr(t, "unpin", None)
+            if op is not None and not getattr(t, "read_only", False):
+                op(keys)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until queued writes are done; False if ``timeout`` passed first."""

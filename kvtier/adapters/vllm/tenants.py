@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections import OrderedDict
 
 from kvtier.engine import CacheEngine
+from kvtier.keys import tenant_salt
+
+__all__ = ["MAX_TENANT_ENGINES", "TenantEngines", "tenant_salt"]
 
 MAX_TENANT_ENGINES = 1024
-
-
-def tenant_salt(configured: str | None, cache_salt: str | None) -> str | None:
-    """The tenant salt of a request: the configured tenant, refined by the request's ``cache_salt``.
-
-    Different salts never share a chunk; requests without one use the configured tenant (as the HF adapter does).
-    """
-    if cache_salt is None:
-        return configured
-    return "cache_salt:" + json.dumps([configured, cache_salt])
 
 
 class TenantEngines:

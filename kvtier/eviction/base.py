@@ -1,0 +1,313 @@
+"""The eviction-policy protocol of a tier, and the bookkeeping every policy shares.
+
+A tier tells its policy what happens to its entries (tier events):
+
+* :meth:`EvictionPolicy.add` -- an entry was inserted (key, parent, bytes,
+  token count, depth in the prefix tree, time);
+* :meth:`EvictionPolicy.touch` -- a prefix was hit (keys given root first);
+* :meth:`EvictionPolicy.remove` -- an entry left the tier (``evicted=True``
+  when the policy's own plan chose it, so ghost lists learn from it);
+
+and asks it for victims with :meth:`EvictionPolicy.plan_eviction`, which is
+pure: it returns the victims, in order, that make room, and the caller
+removes the ones it acts on.
+
+The rule every policy keeps: **victims are leaves**. An entry with a child
+in the same tier never goes before that child (a chunk whose parent is gone
+can never be reached by a prefix lookup), and a *pinned* entry never goes at
+all (so neither do its ancestors, which keep it as a child). Each policy
+only decides the order among the evictable leaves.
+
+How a policy orders them: every resident entry has a rank (a tuple, smallest
+evicted first) in one of the policy's *segments* (LRU has one; ARC two:
+T1/T2; S3-FIFO two: small/main). Only evictable leaves are kept in the
+segments' sorted lists, so an access or insert costs O(log n) and a plan
+costs O(victims x log n), whatever the shape of the tree. A policy with
+several segments says which one gives the next victim (:meth:`_choose`).
+
+Keys are any hashable values (tiers use :class:`~kvtier.keys.ChunkKey`,
+``bench/eviction.py`` replays trace block ids through the same classes).
+Not thread-safe: the owning tier holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
+
+from sortedcontainers import SortedList
+
+Key = Hashable
+Rank = tuple[float, ...]
+_Entry = tuple[Any, ...]  # (*rank, seq, key): seq makes entries unique, so keys are never compared
+
+
+class EvictionPolicy(ABC):
+    """Resident entries of one tier (key, parent, size) and the order in which leaves are evicted.
+
+    Subclasses set :attr:`name` and :attr:`segments` and implement
+    :meth:`_rank_new` (the rank of an inserted key) and :meth:`_rank_hit`
+    (the rank after a hit); they may override :meth:`_choose`,
+    :meth:`_on_remove` and :meth:`_candidates`.
+    """
+
+    name: ClassVar[str] = ""
+    segments: ClassVar[int] = 1
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._parent: dict[Key, Key | None] = {}
+        self._size: dict[Key, int] = {}
+        self._children: Counter[Key] = Counter()  # resident children per key (absent parents included)
+        self._entry: dict[Key, _Entry] = {}  # current rank entry of every resident key
+        self._seg: dict[Key, int] = {}
+        self._listed: set[Key] = set()  # keys now in a segment list (the evictable leaves)
+        self._lists: list[SortedList] = [SortedList() for _ in range(self.segments)]
+        self._seg_bytes = [0] * self.segments  # bytes of all resident keys per segment
+        self._pins: Counter[Key] = Counter()
+        self._seq = 0
+        self.used_bytes = 0
+
+    # -- inspection --------------------------------------------------------------------------------------------
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._size
+
+    def __len__(self) -> int:
+        return len(self._size)
+
+    def __iter__(self) -> Iterator[Key]:
+        """Resident keys, first to be evicted first if they were all leaves (segment, then rank). O(n log n)."""
+        return iter(sorted(self._size, key=lambda k: (self._seg[k], self._entry[k][:-1])))
+
+    def size_of(self, key: Key) -> int:
+        return self._size[key]
+
+    def parent_of(self, key: Key) -> Key | None:
+        return self._parent[key]
+
+    def evictable(self) -> int:
+        """How many resident keys could be evicted now (unpinned leaves)."""
+        return len(self._listed)
+
+    # -- events ------------------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        key: Key,
+        parent: Key | None,
+        nbytes: int,
+        *,
+        tokens: int = 0,
+        depth: int | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Insert ``key`` (an existing key is only touched: its parent and size stay).
+
+        ``depth`` defaults to the parent's depth + 1 (0 for a root or a
+        child of a non-resident parent); ``now`` to the policy's clock.
+        """
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        if key in self._size:
+            self.touch([key], now=now)
+            return
+        now = self._clock() if now is None else now
+        self._parent[key] = parent
+        self._size[key] = nbytes
+        self.used_bytes += nbytes
+        if parent is not None:
+            self._children[parent] += 1
+            if parent in self._listed:
+                self._unlist(parent)
+        seg, rank = self._rank_new(key, parent, nbytes, tokens, depth, now)
+        self._place(key, seg, rank)
+
+    def touch(self, keys: Sequence[Key], *, now: float | None = None) -> None:
+        """A prefix (root first) was just used: each resident key is hit, the deepest first, the root last."""
+        now = self._clock() if now is None else now
+        for key in reversed(keys):
+            if key in self._size:
+                seg, rank = self._rank_hit(key, now)
+                self._place(key, seg, rank)
+
+    def remove(self, key: Key, *, evicted: bool = False) -> int:
+        """Forget ``key``; returns its size (0 if absent). ``evicted``: it goes because a plan chose it."""
+        if key not in self._size:
+            return 0
+        self._on_remove(key, evicted)
+        if key in self._listed:
+            self._unlist(key)
+        nbytes = self._size.pop(key)
+        self._seg_bytes[self._seg.pop(key)] -= nbytes
+        del self._entry[key]
+        parent = self._parent.pop(key)
+        self.used_bytes -= nbytes
+        if parent is not None:
+            self._children[parent] -= 1
+            if self._children[parent] <= 0:
+                del self._children[parent]
+                self._relist(parent)
+        return nbytes
+
+    def pin(self, key: Key) -> None:
+        """Never evict ``key`` (resident now or later) until as many :meth:`unpin` calls. Its ancestors keep it
+        as a child, so they stay too."""
+        self._pins[key] += 1
+        if key in self._listed:
+            self._unlist(key)
+
+    def unpin(self, key: Key) -> None:
+        """Undo one :meth:`pin` of ``key`` (a key that is not pinned is left alone)."""
+        if self._pins[key] <= 1:
+            self._pins.pop(key, None)
+            self._relist(key)
+        else:
+            self._pins[key] -= 1
+
+    def pinned(self, key: Key) -> bool:
+        return key in self._pins
+
+    def pinned_keys(self) -> list[Key]:
+        """Every key pinned now (resident or not)."""
+        return list(self._pins)
+
+    # -- planning ----------------------------------------------------------------------------------------------
+
+    def plan_eviction(self, need: int, budget: int, protect: Iterable[Key] = ()) -> list[Key] | None:
+        """Victims (in eviction order) that make room for ``need`` more bytes within ``budget``.
+
+        Pure: nothing changes; the caller removes (``evicted=True``) the
+        victims it acts on. Only unpinned leaves outside ``protect`` are
+        chosen, counting the victims chosen before (a parent becomes a
+        candidate once its last resident child is chosen). Returns None when
+        no such choice frees enough.
+        """
+        excess = self.used_bytes + need - budget
+        if excess <= 0:
+            return []
+        protected = protect if isinstance(protect, (set, frozenset)) else set(protect)
+        nseg = self.segments
+        cursors = [self._candidates(s, protected) for s in range(nseg)]
+        heads: list[_Entry | None] = [next(c, None) for c in cursors]
+        exposed: list[list[_Entry]] = [[] for _ in range(nseg)]  # parents whose children all went
+        lost: dict[Key, int] = {}
+        seg_bytes = list(self._seg_bytes)
+        size, parents, children, pins, entries = self._size, self._parent, self._children, self._pins, self._entry
+        chosen: list[Key] = []
+        freed = 0
+        while freed < excess:
+            if nseg == 1:
+                s = 0
+                head, ex = heads[0], exposed[0]
+                if ex and (head is None or ex[0] < head):
+                    first = heapq.heappop(ex)
+                elif head is not None:
+                    first = head
+                    heads[0] = next(cursors[0], None)
+                else:
+                    return None
+            else:
+                firsts: list[_Entry | None] = []
+                for h, ex in zip(heads, exposed, strict=True):
+                    firsts.append(ex[0] if ex and (h is None or ex[0] < h) else h)
+                if all(f is None for f in firsts):
+                    return None
+                s = self._choose(firsts, seg_bytes, budget)
+                first = firsts[s]
+                assert first is not None
+                if exposed[s] and exposed[s][0] is first:
+                    heapq.heappop(exposed[s])
+                else:
+                    heads[s] = next(cursors[s], None)
+            victim = first[-1]
+            chosen.append(victim)
+            nbytes = size[victim]
+            freed += nbytes
+            seg_bytes[s] -= nbytes
+            parent = parents[victim]
+            if parent is not None and parent in size:
+                n = lost[parent] = lost.get(parent, 0) + 1
+                if children[parent] - n <= 0 and parent not in protected and parent not in pins:
+                    heapq.heappush(exposed[self._seg[parent]], entries[parent])
+        return chosen
+
+    def _candidates(self, seg: int, protected: set[Key]) -> Iterator[_Entry]:
+        """Evictable leaves of segment ``seg``, in eviction order (the plan merges in exposed parents)."""
+        return (e for e in self._lists[seg] if e[-1] not in protected)
+
+    def _choose(self, firsts: list[_Entry | None], seg_bytes: list[int], budget: int) -> int:
+        """The segment that gives the next victim (only called with several segments): default, the smallest."""
+        return min((s for s in range(self.segments) if firsts[s] is not None), key=lambda s: firsts[s])
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def _rank_new(
+        self, key: Key, parent: Key | None, nbytes: int, tokens: int, depth: int | None, now: float
+    ) -> tuple[int, Rank]:
+        """(segment, rank) of a newly inserted key."""
+
+    @abstractmethod
+    def _rank_hit(self, key: Key, now: float) -> tuple[int, Rank]:
+        """(segment, rank) of a resident key that was just hit."""
+
+    def _on_remove(self, key: Key, evicted: bool) -> None:
+        """``key`` is about to leave (still resident); policies keeping ghosts or statistics look here."""
+        return None
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _stamp(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _place(self, key: Key, seg: int, rank: Rank) -> None:
+        """Give ``key`` its new (segment, rank); keep it listed iff it is an evictable leaf."""
+        if key in self._listed:
+            self._unlist(key)
+        old = self._seg.get(key)
+        if old is not None:
+            self._seg_bytes[old] -= self._size[key]
+        self._seg[key] = seg
+        self._seg_bytes[seg] += self._size[key]
+        self._entry[key] = (*rank, self._stamp(), key)
+        self._relist(key)
+
+    def _unlist(self, key: Key) -> None:
+        self._lists[self._seg[key]].remove(self._entry[key])
+        self._listed.discard(key)
+
+    def _relist(self, key: Key) -> None:
+        if key in self._size and key not in self._listed and self._children[key] <= 0 and key not in self._pins:
+            self._lists[self._seg[key]].add(self._entry[key])
+            self._listed.add(key)
+
+
+_REGISTRY: dict[str, type[EvictionPolicy]] = {}
+
+
+def register(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
+    """Class decorator: make a policy available to :func:`make_policy` under ``cls.name``."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"policy name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    """Names :func:`make_policy` accepts."""
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **kwargs: Any) -> EvictionPolicy:
+    """A new, empty policy by name (``lru``, ``lfu``, ``arc``, ``s3fifo``, ``adaptive``)."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; known: {', '.join(policy_names())}") from None
+    return cls(**kwargs)
