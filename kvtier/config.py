@@ -277,18 +277,19 @@ class RouterInstance(_Frozen):
 class RouterConfig(_Frozen):
     """``[router]``: ``kvtier router``, the KV-aware, load-aware front over several instances.
 
-    An instance's score is ``hit - beta * (load - least load)``: ``hit`` the share of the prompt its
-    own tiers hold (plus ``shared_credit`` times the further share only the shared Redis tier holds),
-    ``load`` its requests in flight plus its queued prefill tokens / ``prefill_norm_tokens``.
+    An instance's score, in prompt tokens, is ``hit - beta * load``: ``hit`` the leading prompt tokens
+    its own tiers hold (plus ``shared_credit`` times the further ones only the shared Redis tier holds),
+    ``load`` the prefill tokens queued there (requests routed there still waiting for a first token,
+    less their hits) plus ``decode_tokens_per_request`` per request in flight.
     """
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     instances: list[RouterInstance] = Field(default_factory=list)
     policy: Literal["kvtier", "round_robin"] = "kvtier"
-    beta: float = Field(default=0.25, ge=0, description="score cost of one more request in flight")
+    beta: float = Field(default=1.0, ge=0, description="weight of an instance's queued work against a prefix hit")
     shared_credit: float = Field(default=0.5, ge=0, le=1, description="weight of tokens held only in l3")
-    prefill_norm_tokens: int = Field(default=2048, gt=0, description="queued prefill tokens worth one request")
+    decode_tokens_per_request: int = Field(default=128, ge=0, description="a request in flight as prefill tokens")
     local_media: list[str] = Field(default_factory=lambda: ["l1", "node", "l2"])
     shared_media: list[str] = Field(default_factory=lambda: ["l3"])
     stale_after_s: float = Field(default=30.0, gt=0, description="an index unrepaired after a gap this long: stale")

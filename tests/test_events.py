@@ -268,3 +268,30 @@ def test_root_chunks_name_their_cache_salt_and_the_index_keeps_tenants_apart(
     finally:
         sub.close()
         engine.close()
+
+
+def test_a_restarted_publisher_starts_the_index_afresh() -> None:
+    first = EventPublisher("tcp://127.0.0.1:0")
+    endpoint = first.endpoint
+    sub = EventSubscriber(endpoint)
+    try:
+        time.sleep(0.3)
+        a, b = ChunkKey(b"a" * 32), ChunkKey(b"b" * 32)
+        for _ in range(3):
+            first.removed("l1", [a])
+        assert first.flush()
+        _wait(lambda: sub.index.next_seq >= 1)
+        sub.index.held.setdefault("l1", set()).add(b.digest)  # something the old publisher had reported held
+        first.close()
+        second = EventPublisher(endpoint)
+        try:
+            time.sleep(0.3)
+            second.removed("l2", [a])
+            assert second.flush()
+            _wait(lambda: sub.index.next_seq == 1 and "l2" in sub.index.held)
+            assert sub.index.snapshot() == {}  # the old publisher's view is gone, the new one's applied
+            assert not sub.stale
+        finally:
+            second.close()
+    finally:
+        sub.close()

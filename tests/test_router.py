@@ -170,16 +170,14 @@ def test_second_turns_follow_the_prefix_and_a_dead_instance_is_routed_around(fle
 
 
 def test_rank_trades_hit_against_load() -> None:
-    a = Candidate("a", local_tokens=900, shared_tokens=0, in_flight=2, queued_prefill_tokens=0)
-    b = Candidate("b", local_tokens=0, shared_tokens=0, in_flight=0, queued_prefill_tokens=0)
-    ranked = rank([a, b], 1000, beta=0.25, shared_credit=0.5, prefill_norm_tokens=2048)
-    assert [c.name for c, _ in ranked] == ["a", "b"]  # 0.9 - 0.5 > 0
-    busy = Candidate("a", local_tokens=900, shared_tokens=0, in_flight=4, queued_prefill_tokens=2048)
-    assert [c.name for c, _ in rank([busy, b], 1000, beta=0.25, shared_credit=0.5, prefill_norm_tokens=2048)] == [
-        "b",
-        "a",
-    ]  # 0.9 - 1.25 < 0
+    kw = {"beta": 1.0, "shared_credit": 0.5, "decode_tokens_per_request": 128}
+    warm = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=2, queued_prefill_tokens=1000)
+    idle = Candidate("b", local_tokens=0, shared_tokens=0, in_flight=0, queued_prefill_tokens=0)
+    assert [c.name for c, _ in rank([warm, idle], **kw)] == ["a", "b"]  # 1500 - 1256 > 0
+    busy = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=3, queued_prefill_tokens=1600)
+    assert [c.name for c, _ in rank([busy, idle], **kw)] == ["b", "a"]  # 1500 - 1984 < 0: waiting costs more
     shared = Candidate("b", local_tokens=0, shared_tokens=1000, in_flight=0, queued_prefill_tokens=0)
-    idle = Candidate("c", local_tokens=0, shared_tokens=0, in_flight=0, queued_prefill_tokens=0)
-    assert rank([idle, shared], 1000, beta=0.25, shared_credit=0.5, prefill_norm_tokens=2048)[0][0].name == "b"
-    assert rank([], 10, beta=1, shared_credit=1, prefill_norm_tokens=1) == []
+    cold = Candidate("c", local_tokens=0, shared_tokens=0, in_flight=0, queued_prefill_tokens=0)
+    assert rank([cold, shared], **kw)[0][0].name == "b"  # a Redis hit is worth half a local one
+    assert [c.name for c, _ in rank([cold, idle], **kw)] == ["c", "b"]  # a tie keeps the given (rotated) order
+    assert rank([], **kw) == []

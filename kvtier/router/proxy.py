@@ -183,10 +183,9 @@ class Router:
         ]
         ranked = rank(
             cands,
-            len(tokens),
             beta=self.config.beta,
             shared_credit=self.config.shared_credit,
-            prefill_norm_tokens=self.config.prefill_norm_tokens,
+            decode_tokens_per_request=self.config.decode_tokens_per_request,
         )
         best = ranked[0][0]
         return [rotated[int(c.name)] for c, _ in ranked], len(tokens) - best.local_tokens

@@ -1,4 +1,4 @@
-"""Ranking instances for one request: prefix hit against load. Pure functions."""
+"""Ranking instances for one request: prefix hit against load, both in prefill tokens. Pure functions."""
 
 from __future__ import annotations
 
@@ -14,42 +14,39 @@ class Candidate:
     local_tokens: int  # leading prompt tokens its own tiers hold
     shared_tokens: int  # leading prompt tokens the shared tier (Redis) holds, as far as anyone knows
     in_flight: int
-    queued_prefill_tokens: int
+    queued_prefill_tokens: int  # prompt tokens it has yet to prefill for requests still waiting for a first token
 
 
-def load(c: Candidate, prefill_norm_tokens: int) -> float:
-    """Requests in flight plus queued prefill tokens in units of ``prefill_norm_tokens``."""
-    return c.in_flight + c.queued_prefill_tokens / prefill_norm_tokens
+def hit_tokens(c: Candidate, shared_credit: float) -> float:
+    """Prompt tokens this instance would not prefill: its own hit, plus ``shared_credit`` times what only the
+    shared tier adds beyond it (a load from Redis is cheaper than a prefill, dearer than a local hit)."""
+    return c.local_tokens + shared_credit * max(0, c.shared_tokens - c.local_tokens)
 
 
-def hit(c: Candidate, prompt_tokens: int, shared_credit: float) -> float:
-    """The share of the prompt this instance would not prefill: its own hit, plus ``shared_credit`` times what
-    only the shared tier adds beyond it."""
-    if prompt_tokens <= 0:
-        return 0.0
-    extra = max(0, c.shared_tokens - c.local_tokens)
-    return (c.local_tokens + shared_credit * extra) / prompt_tokens
+def load_tokens(c: Candidate, decode_tokens_per_request: int) -> float:
+    """The work ahead of a new request there, in prefill tokens: queued prefills, and each request in flight
+    as ``decode_tokens_per_request`` tokens (a running decode shares the engine's steps)."""
+    return c.queued_prefill_tokens + decode_tokens_per_request * c.in_flight
+
+
+def score(c: Candidate, *, beta: float, shared_credit: float, decode_tokens_per_request: int) -> float:
+    """``hit - beta * load``, in tokens: the instance with the least prefill ahead of this request's first token
+    scores highest (the prompt's own length is the same everywhere and left out)."""
+    return hit_tokens(c, shared_credit) - beta * load_tokens(c, decode_tokens_per_request)
 
 
 def rank(
     candidates: Sequence[Candidate],
-    prompt_tokens: int,
     *,
     beta: float,
     shared_credit: float,
-    prefill_norm_tokens: int,
+    decode_tokens_per_request: int,
 ) -> list[tuple[Candidate, float]]:
-    """Candidates best first, with their scores: ``hit - beta * (load - least load)``.
-
-    Ties go to the lower load, then to the order given (the caller rotates it so that ties spread).
-    """
-    if not candidates:
-        return []
-    loads = [load(c, prefill_norm_tokens) for c in candidates]
-    least = min(loads)
+    """Candidates best first, with their scores. Ties go to fewer requests in flight, then to the order given
+    (the caller rotates it so that ties spread)."""
     scored = [
-        (c, hit(c, prompt_tokens, shared_credit) - beta * (ld - least), ld, i)
-        for i, (c, ld) in enumerate(zip(candidates, loads, strict=True))
+        (c, score(c, beta=beta, shared_credit=shared_credit, decode_tokens_per_request=decode_tokens_per_request), i)
+        for i, c in enumerate(candidates)
     ]
-    scored.sort(key=lambda t: (-t[1], t[2], t[3]))
-    return [(c, s) for c, s, _, _ in scored]
+    scored.sort(key=lambda t: (-t[1], t[0].in_flight, t[2]))
+    return [(c, s) for c, s, _ in scored]

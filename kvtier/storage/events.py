@@ -389,6 +389,18 @@ class EventIndex:
         self.gap = False
         self.last_event_at = 0.0
 
+    def reset(self) -> None:
+        """Forget everything (the publisher restarted: its sequence began again at 0)."""
+        with self._lock:
+            self.held.clear()
+            self.parents.clear()
+            self.tokens.clear()
+            self.children.clear()
+            self.lengths.clear()
+            self.salts.clear()
+            self.next_seq = 0
+            self.gap = False
+
     def apply(self, seq: int, batch: KVEventBatch) -> bool:
         """Apply one batch; False (nothing applied) if it is one already seen. Sets ``gap`` past a missing seq."""
         with self._lock:
@@ -522,6 +534,9 @@ class EventSubscriber:
             self.bad_messages += 1
             return
         seq = int.from_bytes(frames[1], "big")
+        if seq == 0 and self.index.next_seq > 0:  # a restarted publisher: what it held before is not known now
+            self.index.reset()
+            self.stale = False
         if seq > self.index.next_seq and self.replay_endpoint is not None:
             self._replay(self.index.next_seq)
         try:
