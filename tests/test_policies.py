@@ -359,3 +359,36 @@ def test_memory_tier_counts_admission_refusals(tmp_path, namespace) -> None:  # 
         second = engine.store(tokens, _kv(namespace, 48))
         assert second.rejected_chunks == 0  # second sight of every chunk, children included
         assert engine.lookup(tokens).num_tokens == 48
+
+
+@pytest.mark.parametrize(("policy", "goes"), [("adaptive", 2), ("lru", 1)])
+def test_disk_tier_pins_and_preferred_victims(tmp_path, namespace, policy: str, goes: int) -> None:  # type: ignore[no-untyped-def]
+    """l2: the local policy's plan is the ledger's first choice (adaptive: the never-hit chain goes although it
+    is the newer; lru: the older one), and a pinned chain stays under pressure (the ledger is told the pins)."""
+    from kvtier.chunk import encode
+    from kvtier.storage import DiskBackend
+    from tests.conftest import build_chain
+
+    chains = [build_chain(namespace, _tok(32, 50 + i), 16, seed=i) for i in range(12)]
+    size = len(encode(chains[0][0]))
+    disk = DiskBackend(tmp_path / "l2", 6 * size, eviction=policy)
+    disk.start()
+    try:
+        disk.pin([c.key for c in chains[0]])
+        assert disk.put(chains[0]) == [True, True]
+        assert disk.put(chains[1]) == [True, True]
+        disk.get([c.key for c in chains[1]])  # chain 1 is hit, then chain 2 stored (never hit)
+        assert disk.put(chains[2]) == [True, True]
+        assert disk.put(chains[3]) == [True, True]
+        assert disk.contains([c.key for c in chains[goes]]) == [False, False]
+        assert disk.contains([c.key for c in chains[3 - goes]]) == [True, True]
+        for chain in chains[4:]:
+            disk.put(chain)
+            assert disk.contains([c.key for c in chains[0]]) == [True, True]
+        assert disk.stats().used_bytes <= 6 * size
+        disk.unpin([c.key for c in chains[0]])
+        for chain in chains[4:]:
+            disk.put(chain)
+        assert disk.contains([c.key for c in chains[0]]) == [False, False]
+    finally:
+        disk.close()

@@ -190,38 +190,50 @@ class EvictionPolicy(ABC):
         excess = self.used_bytes + need - budget
         if excess <= 0:
             return []
-        protected = set(protect)
-        cursors = [self._candidates(s, protected) for s in range(self.segments)]
+        protected = protect if isinstance(protect, (set, frozenset)) else set(protect)
+        nseg = self.segments
+        cursors = [self._candidates(s, protected) for s in range(nseg)]
         heads: list[_Entry | None] = [next(c, None) for c in cursors]
-        exposed: list[list[_Entry]] = [[] for _ in range(self.segments)]  # parents whose children all went
-        lost: Counter[Key] = Counter()
+        exposed: list[list[_Entry]] = [[] for _ in range(nseg)]  # parents whose children all went
+        lost: dict[Key, int] = {}
         seg_bytes = list(self._seg_bytes)
+        size, parents, children, pins, entries = self._size, self._parent, self._children, self._pins, self._entry
         chosen: list[Key] = []
         freed = 0
         while freed < excess:
-            firsts = [
-                min((e for e in (heads[s], exposed[s][0] if exposed[s] else None) if e is not None), default=None)
-                for s in range(self.segments)
-            ]
-            if all(f is None for f in firsts):
-                return None
-            s = self._choose(firsts, seg_bytes, budget) if self.segments > 1 else 0
-            first = firsts[s]
-            assert first is not None
-            if exposed[s] and exposed[s][0] is first:
-                heapq.heappop(exposed[s])
+            if nseg == 1:
+                s = 0
+                head, ex = heads[0], exposed[0]
+                if ex and (head is None or ex[0] < head):
+                    first = heapq.heappop(ex)
+                elif head is not None:
+                    first = head
+                    heads[0] = next(cursors[0], None)
+                else:
+                    return None
             else:
-                heads[s] = next(cursors[s], None)
+                firsts: list[_Entry | None] = []
+                for h, ex in zip(heads, exposed, strict=True):
+                    firsts.append(ex[0] if ex and (h is None or ex[0] < h) else h)
+                if all(f is None for f in firsts):
+                    return None
+                s = self._choose(firsts, seg_bytes, budget)
+                first = firsts[s]
+                assert first is not None
+                if exposed[s] and exposed[s][0] is first:
+                    heapq.heappop(exposed[s])
+                else:
+                    heads[s] = next(cursors[s], None)
             victim = first[-1]
             chosen.append(victim)
-            nbytes = self._size[victim]
+            nbytes = size[victim]
             freed += nbytes
             seg_bytes[s] -= nbytes
-            parent = self._parent[victim]
-            if parent is not None and parent in self._size:
-                lost[parent] += 1
-                if self._children[parent] - lost[parent] <= 0 and parent not in protected and parent not in self._pins:
-                    heapq.heappush(exposed[self._seg[parent]], self._entry[parent])
+            parent = parents[victim]
+            if parent is not None and parent in size:
+                n = lost[parent] = lost.get(parent, 0) + 1
+                if children[parent] - n <= 0 and parent not in protected and parent not in pins:
+                    heapq.heappush(exposed[self._seg[parent]], entries[parent])
         return chosen
 
     def _candidates(self, seg: int, protected: set[Key]) -> Iterator[_Entry]:

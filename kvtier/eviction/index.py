@@ -59,7 +59,7 @@ class BudgetIndex:
             self.no_room += 1
             return None
         self.policy.add(key, parent, nbytes, tokens=tokens, now=now)
-        victims = self.policy.plan_eviction(0, self.budget, protect=(key,))
+        victims = self.policy.plan_eviction(0, self.budget, protect={key})
         if victims is None:
             self.policy.remove(key)
             self.no_room += 1
