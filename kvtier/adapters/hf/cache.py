@@ -126,7 +126,7 @@ def as_prompts(prompts: Prompt | Sequence[Prompt]) -> tuple[list[torch.Tensor], 
         rows, batch = [torch.as_tensor(prompts)], False
     out = []
     for i, row in enumerate(rows):
-        row = row.to(torch.long)
+        row = row.to("cpu", torch.long)  # token ids live on the CPU (keys, padding); the inputs move to the model
         if row.dim() != 1:
             raise ValueError(f"prompt {i} must be one-dimensional token ids, got shape {tuple(row.shape)}")
         if row.numel() == 0:
@@ -159,6 +159,7 @@ class KvtierCache(DynamicCache):
                 raise ValueError(f"cache layer {layer!r} is not a full-attention DynamicLayer")
         self.engine = engine
         self.kv_layout = expected
+        self.device = model.device  # the retrieved KV (CPU) moves here; what is stored is copied back out
         gen = getattr(model, "generation_config", None)
         if pad_token_id is None and gen is not None:
             pad_token_id = gen.pad_token_id if gen.pad_token_id is not None else _first(gen.eos_token_id)
@@ -210,7 +211,7 @@ class KvtierCache(DynamicCache):
             self._fill(hits, used, width, copies)
         self.prompt_columns = total
         self._pending_prompt_store = True
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     def _fill(self, hits: list[RetrieveResult], used: list[int], width: int, copies: int) -> None:
         """Put the retrieved KV into the layers: [B * copies, H, width, D], row i's last ``used[i]`` columns its hit."""
@@ -228,6 +229,7 @@ class KvtierCache(DynamicCache):
                     if u:
                         keys[i, :, width - u :] = hit.layers[index][0, :, :u]
                         values[i, :, width - u :] = hit.layers[index][1, :, :u]
+            keys, values = keys.to(self.device), values.to(self.device)  # no copy on CPU
             if copies > 1:
                 keys, values = keys.repeat_interleave(copies, dim=0), values.repeat_interleave(copies, dim=0)
             layer.lazy_initialization(keys, values)
@@ -292,7 +294,7 @@ class KvtierCache(DynamicCache):
             keep = min(with_kv, ends[0] + 1 if ends else len(new))
             if keep <= 0:
                 continue
-            tokens = torch.cat([row.prompt, sequences[r, self.prompt_columns : self.prompt_columns + keep]])
+            tokens = torch.cat([row.prompt, sequences[r, self.prompt_columns : self.prompt_columns + keep].cpu()])
             columns = torch.cat([row.columns, torch.arange(self.prompt_columns, self.prompt_columns + keep)])
             row.stored = _stores(row.stored, self._store_row(r, tokens, columns))
 
@@ -306,8 +308,9 @@ class KvtierCache(DynamicCache):
             keys = [layer.keys[0, :, :n] for layer in self.layers]
             values = [layer.values[0, :, :n] for layer in self.layers]
         else:
-            keys = [layer.keys[row].index_select(1, columns) for layer in self.layers]
-            values = [layer.values[row].index_select(1, columns) for layer in self.layers]
+            index = columns.to(self.device)
+            keys = [layer.keys[row].index_select(1, index) for layer in self.layers]
+            values = [layer.values[row].index_select(1, index) for layer in self.layers]
         return self.engine.store(tokens, LayerKV(keys, values, self.engine.layout))
 
 

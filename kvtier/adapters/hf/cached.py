@@ -168,7 +168,7 @@ class CachedModel:
         eos_ids = set(_all(eos))
         results = []
         for i, row in enumerate(cache.rows):
-            new = out.sequences[i * copies : (i + 1) * copies, cache.prompt_columns :]
+            new = out.sequences[i * copies : (i + 1) * copies, cache.prompt_columns :].cpu()
             if copies == 1 and len(prompts) > 1:  # a batch row runs on (pads) after its end
                 ends = [j for j, t in enumerate(new[0].tolist()) if t in eos_ids]
                 new = new[:, : ends[0] + 1] if ends else new
