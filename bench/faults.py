@@ -149,10 +149,20 @@ class Probe:
             traceback.print_exc()
 
     def budgets(self, engine: CacheEngine) -> None:
-        for s in engine.tiers.stats():
-            if s.max_bytes:
-                self.report.budget[s.name] = s.max_bytes
-                self.report.budget_peak[s.name] = max(self.report.budget_peak.get(s.name, 0), s.used_bytes)
+        """Sample each budgeted tier's use. Disk and node: the folder's ledger (complete files + reservations in
+        flight, every process), the accounting the budget is enforced on; the disk tier's own ``used_bytes``
+        counts a chunk being put before its victims are evicted (one chunk over, transiently)."""
+        for tier, s in zip(engine.tiers.tiers, engine.tiers.stats(), strict=True):
+            if not s.max_bytes:
+                continue
+            ledger = getattr(tier, "_ledger", None) or getattr(tier, "ledger", None)
+            used = s.used_bytes
+            if ledger is not None:
+                with contextlib.suppress(Exception):
+                    _, done, pending = ledger.totals()
+                    used = done + pending
+            self.report.budget[s.name] = s.max_bytes
+            self.report.budget_peak[s.name] = max(self.report.budget_peak.get(s.name, 0), used)
 
     def finish(self, engine: CacheEngine | None = None, **notes: object) -> CaseReport:
         r = self.report
