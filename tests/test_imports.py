@@ -25,8 +25,11 @@ LAYERS: dict[str, int] = {
     "kvtier.storage.urls": 0,
     "kvtier.storage.breaker": 0,
     "kvtier.threads": 0,
+    "kvtier.deadline": 0,
     # 1: codecs: payload tensor <-> bytes; know nothing of chunks, tiers or engines
     "kvtier.codec": 1,
+    # 1: chunk authentication and encryption keys (know layouts, not chunks or tiers)
+    "kvtier.security": 1,
     # 2: the one configuration
     "kvtier.config": 2,
     # 3: the chunk format and the eviction policies
