@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,11 +149,26 @@ def test_cache_salt_isolates_tenants(runs):
 
 
 def test_loads_past_their_deadline_are_recomputed_with_identical_output(runs):
+    """A 1 µs load deadline inside real vLLM: whatever a late load had not filled is recomputed; output unchanged.
+
+    Whether a load is still running when the next step checks its deadline is a race on a loaded machine (it
+    may have filled every block, or even reported done, first); the cut itself is tested deterministically in
+    tests/test_vllm_sides.py. Here: every request's load is accounted for, and the output is exact.
+    """
     base, late = runs["base"], runs["late"]
     assert [o["token_ids"] for o in late] == [base[0]["token_ids"]] * 2
-    assert "kvtier load past its 0.0 s deadline" in runs["late_log"]
-    assert "blocks will be recomputed" in runs["late_log"]
-
+    log = runs["late_log"]
+    promised = dict(re.findall(r"request (\S+): (\d+) of \d+ prompt tokens from kvtier", log))
+    assert promised  # kvtier offered its hits: the loads ran
+    loaded = dict(re.findall(r"request (\S+): loaded (\d+) tokens", log))
+    assert loaded.keys() == promised.keys()
+    late_ids = set(re.findall(r"request (\S+): kvtier load past its 0\.0 s deadline", log))
+    for req_id, n in promised.items():
+        got = int(loaded[req_id])
+        assert got <= int(n)
+        recomputed = f"request {req_id}: kvtier loaded {got} of {n} promised tokens" in log
+        assert recomputed == (got < int(n))
+        assert got == int(n) or req_id in late_ids  # only a late load comes back short here
 
 def test_a_decode_keeps_stepping_while_another_request_loads(runs):
     """The hit waits for its kvtier load in vLLM's WAITING_FOR_REMOTE_KVS while the decode gets tokens."""
@@ -214,7 +230,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     log_path = cache / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     cmd = [str(Path(sys.executable).parent / "kvtier"), "serve", "--port", str(port), "--max-model-len", "2048"]
-    cmd += ["--set", f"l2.path={cache / 'chunks'}"]
+    node = Path(tempfile.mkdtemp(prefix="kvtier-test-node-", dir="/dev/shm"))  # not the machine's shared tier
+    cmd += ["--set", f"l2.path={cache / 'chunks'}", "--set", f"node.path={node}"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -237,6 +254,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
+        shutil.rmtree(node, ignore_errors=True)
 
 
 def _chunk_files(root: Path, at_least: int) -> int:
