@@ -148,6 +148,7 @@ class S3FIFOPolicy(EvictionPolicy):
 
     name = "s3fifo"
     segments = 2
+    sorted_segments = True  # its plan and second chances range over the sorted main queue
     small_share = 0.1
 
     def __init__(self, **kwargs: object) -> None:
