@@ -173,7 +173,14 @@ class EvictionPolicy(ABC):
         if self._tracks_removals:
             self._on_remove(key, evicted)
         if key in self._listed:
-            self._unlist(key)
+            if self.sorted_segments:
+                self._unlist(key)
+            else:  # _unlist, inlined
+                self._listed.discard(key)
+                h = self._heaps[self._seg[key]]
+                if h and h[-1] is self._entry[key]:
+                    h.pop()
+                    self._heap_len -= 1
         nbytes = size.pop(key)
         self._seg_bytes[self._seg.pop(key)] -= nbytes
         del self._entry[key]
@@ -229,10 +236,13 @@ class EvictionPolicy(ABC):
             return []
         protected = protect if isinstance(protect, (set, frozenset)) else set(protect)
         nseg = self.segments
+        listed, entry = self._listed, self._entry
         if nseg == 1 and not self.sorted_segments:
             # fast path: the first candidate is the heap's top (once stale tops are dropped); if it is not
             # protected and frees enough, that is the whole plan (the loop below would choose just it).
-            h = self._clean(0)
+            h = self._heaps[0]
+            if h and not (h[0][-1] in listed and entry[h[0][-1]] is h[0]):
+                h = self._clean(0)
             if h:
                 k = h[0][-1]
                 if k not in protected and self._size[k] >= excess:
@@ -242,7 +252,9 @@ class EvictionPolicy(ABC):
             heads: list[_Entry | None] = []
             fast = True
             for s in range(nseg):
-                h = self._clean(s)
+                h = self._heaps[s]
+                if h and not (h[0][-1] in listed and entry[h[0][-1]] is h[0]):
+                    h = self._clean(s)
                 if h:
                     if h[0][-1] in protected:
                         fast = False

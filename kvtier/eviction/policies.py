@@ -88,7 +88,7 @@ class ARCPolicy(EvictionPolicy):
 
     def plan_eviction(self, need: int, budget: int, protect: Iterable[Key] = ()) -> list[Key] | None:
         self._budget = budget  # bounds p and the ghosts; the plan itself stays pure
-        return super().plan_eviction(need, budget, protect)
+        return EvictionPolicy.plan_eviction(self, need, budget, protect)
 
     def _rank_new(
         self, key: Key, parent: Key | None, nbytes: int, tokens: int, depth: int | None, now: float
