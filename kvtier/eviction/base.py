@@ -20,10 +20,15 @@ only decides the order among the evictable leaves.
 
 How a policy orders them: every resident entry has a rank (a tuple, smallest
 evicted first) in one of the policy's *segments* (LRU has one; ARC two:
-T1/T2; S3-FIFO two: small/main). Only evictable leaves are kept in the
-segments' sorted lists, so an access or insert costs O(log n) and a plan
-costs O(victims x log n), whatever the shape of the tree. A policy with
-several segments says which one gives the next victim (:meth:`_choose`).
+T1/T2; S3-FIFO two: small/main). Only evictable leaves are live in the
+segments' binary heaps (lazy deletion: an entry that stopped being an
+evictable leaf, or was replaced by a newer rank, goes stale in place and is
+dropped when it reaches the top or at a compaction; S3-FIFO, which ranges
+over its main queue, keeps ``SortedList``s instead). An access or insert
+costs O(log n) amortized, a one-victim plan O(1) plus the stale tops it
+drops, a longer plan O(victims x log n) (a best-first walk of the heap),
+whatever the shape of the tree. A policy with several segments says which
+one gives the next victim (:meth:`_choose`).
 
 Keys are any hashable values (tiers use :class:`~kvtier.keys.ChunkKey`,
 ``bench/eviction.py`` replays trace block ids through the same classes).
