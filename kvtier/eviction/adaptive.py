@@ -61,7 +61,9 @@ class AdaptivePolicy(ARCPolicy):
     def _rank_new(
         self, key: Key, parent: Key | None, nbytes: int, tokens: int, depth: int | None, now: float
     ) -> tuple[int, Rank]:
-        seg, _ = super()._rank_new(key, parent, nbytes, tokens, depth, now)
+        seg = 0
+        if key in self._b1 or key in self._b2:  # a ghost: ARC adapts p and takes it to T2
+            seg, _ = ARCPolicy._rank_new(self, key, parent, nbytes, tokens, depth, now)
         short = False
         if tokens > 0:
             self._tokens_sum += tokens

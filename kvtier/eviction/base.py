@@ -20,10 +20,15 @@ only decides the order among the evictable leaves.
 
 How a policy orders them: every resident entry has a rank (a tuple, smallest
 evicted first) in one of the policy's *segments* (LRU has one; ARC two:
-T1/T2; S3-FIFO two: small/main). Only evictable leaves are kept in the
-segments' sorted lists, so an access or insert costs O(log n) and a plan
-costs O(victims x log n), whatever the shape of the tree. A policy with
-several segments says which one gives the next victim (:meth:`_choose`).
+T1/T2; S3-FIFO two: small/main). Only evictable leaves are live in the
+segments' binary heaps (lazy deletion: an entry that stopped being an
+evictable leaf, or was replaced by a newer rank, goes stale in place and is
+dropped when it reaches the top or at a compaction; S3-FIFO, which ranges
+over its main queue, keeps ``SortedList``s instead). An access or insert
+costs O(log n) amortized, a one-victim plan O(1) plus the stale tops it
+drops, a longer plan O(victims x log n) (a best-first walk of the heap),
+whatever the shape of the tree. A policy with several segments says which
+one gives the next victim (:meth:`_choose`).
 
 Keys are any hashable values (tiers use :class:`~kvtier.keys.ChunkKey`,
 ``bench/eviction.py`` replays trace block ids through the same classes).
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from heapq import heappop, heappush
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -57,18 +63,31 @@ class EvictionPolicy(ABC):
 
     name: ClassVar[str] = ""
     segments: ClassVar[int] = 1
+    #: keep the evictable leaves in ``SortedList``s (``self._lists``, for policies that range over them, as
+    #: S3-FIFO does); the default is a binary heap per segment with lazy deletion (``self._heaps``), cheaper
+    #: per insert and eviction. Both give the very same order (entries are unique tuples).
+    sorted_segments: ClassVar[bool] = False
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._parent: dict[Key, Key | None] = {}
         self._size: dict[Key, int] = {}
-        self._children: Counter[Key] = Counter()  # resident children per key (absent parents included)
+        # resident children per key (absent parents included); a key with none has no entry (a plain dict:
+        # Counter's __missing__ is a Python call on every miss, and leaves are looked up on every insert)
+        self._children: dict[Key, int] = {}
         self._entry: dict[Key, _Entry] = {}  # current rank entry of every resident key
         self._seg: dict[Key, int] = {}
         self._listed: set[Key] = set()  # keys now in a segment list (the evictable leaves)
-        self._lists: list[SortedList] = [SortedList() for _ in range(self.segments)]
+        self._lists: list[SortedList] = [SortedList() for _ in range(self.segments)] if self.sorted_segments else []
+        # heap mode: an entry in a heap is live iff its key is listed and it is the key's current entry; the
+        # rest are stale and dropped when they reach the top (or at a compaction). _inheap: the current entry
+        # of a key while it is physically in its heap, so a relisted key is not pushed twice.
+        self._heaps: list[list[_Entry]] = [[] for _ in range(self.segments)]
+        self._inheap: dict[Key, _Entry] = {}
+        self._heap_len = 0
         self._seg_bytes = [0] * self.segments  # bytes of all resident keys per segment
         self._pins: Counter[Key] = Counter()
+        self._tracks_removals = type(self)._on_remove is not EvictionPolicy._on_remove
         self._seq = 0
         self.used_bytes = 0
 
@@ -113,19 +132,35 @@ class EvictionPolicy(ABC):
         """
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        if key in self._size:
+        size = self._size
+        if key in size:
             self.touch([key], now=now)
             return
         now = self._clock() if now is None else now
         self._parent[key] = parent
-        self._size[key] = nbytes
+        size[key] = nbytes
         self.used_bytes += nbytes
+        children, listed = self._children, self._listed
         if parent is not None:
-            self._children[parent] += 1
-            if parent in self._listed:
-                self._unlist(parent)
+            children[parent] = children.get(parent, 0) + 1
+            if parent in listed:
+                self._unlist(parent)  # no longer a leaf
         seg, rank = self._rank_new(key, parent, nbytes, tokens, depth, now)
-        self._place(key, seg, rank)
+        # _place of a new key, inlined (the hot path of every insert)
+        self._seg[key] = seg
+        self._seg_bytes[seg] += nbytes
+        self._seq += 1
+        e = self._entry[key] = (*rank, self._seq, key)
+        if key not in children and key not in self._pins:
+            listed.add(key)
+            if self.sorted_segments:
+                self._lists[seg].add(e)
+            else:  # a new entry: never in a heap yet
+                heappush(self._heaps[seg], e)
+                self._inheap[key] = e
+                self._heap_len += 1
+                if self._heap_len > 4 * len(listed) + 1024:
+                    self._compact()
 
     def touch(self, keys: Sequence[Key], *, now: float | None = None) -> None:
         """A prefix (root first) was just used: each resident key is hit, the deepest first, the root last."""
@@ -137,21 +172,35 @@ class EvictionPolicy(ABC):
 
     def remove(self, key: Key, *, evicted: bool = False) -> int:
         """Forget ``key``; returns its size (0 if absent). ``evicted``: it goes because a plan chose it."""
-        if key not in self._size:
+        size = self._size
+        if key not in size:
             return 0
-        self._on_remove(key, evicted)
+        if self._tracks_removals:
+            self._on_remove(key, evicted)
         if key in self._listed:
-            self._unlist(key)
-        nbytes = self._size.pop(key)
+            if self.sorted_segments:
+                self._unlist(key)
+            else:  # _unlist, inlined
+                self._listed.discard(key)
+                h = self._heaps[self._seg[key]]
+                if h and h[-1] is self._entry[key]:
+                    h.pop()
+                    self._heap_len -= 1
+        nbytes = size.pop(key)
         self._seg_bytes[self._seg.pop(key)] -= nbytes
         del self._entry[key]
+        self._inheap.pop(key, None)
         parent = self._parent.pop(key)
         self.used_bytes -= nbytes
         if parent is not None:
-            self._children[parent] -= 1
-            if self._children[parent] <= 0:
-                del self._children[parent]
-                self._relist(parent)
+            children = self._children
+            left = children.get(parent, 0) - 1
+            if left > 0:
+                children[parent] = left
+            else:
+                children.pop(parent, None)
+                if parent in size:
+                    self._relist(parent)
         return nbytes
 
     def pin(self, key: Key) -> None:
@@ -192,8 +241,40 @@ class EvictionPolicy(ABC):
             return []
         protected = protect if isinstance(protect, (set, frozenset)) else set(protect)
         nseg = self.segments
+        listed, entry = self._listed, self._entry
+        if nseg == 1 and not self.sorted_segments:
+            # fast path: the first candidate is the heap's top (once stale tops are dropped); if it is not
+            # protected and frees enough, that is the whole plan (the loop below would choose just it).
+            h = self._heaps[0]
+            if h and not (h[0][-1] in listed and entry[h[0][-1]] is h[0]):
+                h = self._clean(0)
+            if h:
+                k = h[0][-1]
+                if k not in protected and self._size[k] >= excess:
+                    return [k]
+        elif not self.sorted_segments:
+            # the same with several segments: their heaps' tops, and the one _choose picks
+            heads: list[_Entry | None] = []
+            fast = True
+            for s in range(nseg):
+                h = self._heaps[s]
+                if h and not (h[0][-1] in listed and entry[h[0][-1]] is h[0]):
+                    h = self._clean(s)
+                if h:
+                    if h[0][-1] in protected:
+                        fast = False
+                        break
+                    heads.append(h[0])
+                else:
+                    heads.append(None)
+            if fast:
+                if heads.count(None) == nseg:
+                    return None
+                first = heads[self._choose(heads, self._seg_bytes[:], budget)]
+                if first is not None and self._size[first[-1]] >= excess:
+                    return [first[-1]]
         cursors = [self._candidates(s, protected) for s in range(nseg)]
-        heads: list[_Entry | None] = [next(c, None) for c in cursors]
+        heads = [next(c, None) for c in cursors]
         exposed: list[list[_Entry]] = [[] for _ in range(nseg)]  # parents whose children all went
         lost: dict[Key, int] = {}
         seg_bytes = list(self._seg_bytes)
@@ -238,7 +319,57 @@ class EvictionPolicy(ABC):
 
     def _candidates(self, seg: int, protected: set[Key]) -> Iterator[_Entry]:
         """Evictable leaves of segment ``seg``, in eviction order (the plan merges in exposed parents)."""
-        return (e for e in self._lists[seg] if e[-1] not in protected)
+        if self.sorted_segments:
+            return (e for e in self._lists[seg] if e[-1] not in protected)
+        return self._heap_order(seg, protected)
+
+    def _heap_order(self, seg: int, protected: set[Key]) -> Iterator[_Entry]:
+        """The live entries of segment ``seg``'s heap, smallest first, without changing the heap: a best-first
+        walk of the heap's tree (O(log k) per entry yielded). The heap must not change while it runs."""
+        h = self._heaps[seg]
+        if not h:
+            return
+        listed, entries = self._listed, self._entry
+        n = len(h)
+        frontier = [(h[0], 0)]
+        while frontier:
+            e, i = heappop(frontier)
+            k = e[-1]
+            if k in listed and entries[k] is e and k not in protected:
+                yield e
+            j = 2 * i + 1
+            if j < n:
+                heappush(frontier, (h[j], j))
+                j += 1
+                if j < n:
+                    heappush(frontier, (h[j], j))
+
+    def _clean(self, seg: int) -> list[_Entry]:
+        """Drop the stale entries at the top of segment ``seg``'s heap (not observable); returns the heap."""
+        h = self._heaps[seg]
+        listed, entries, inheap = self._listed, self._entry, self._inheap
+        while h:
+            e = h[0]
+            k = e[-1]
+            if k in listed and entries[k] is e:
+                break
+            heappop(h)
+            self._heap_len -= 1
+            if inheap.get(k) is e:
+                del inheap[k]
+        return h
+
+    def _compact(self) -> None:
+        """Rebuild the heaps from the listed keys alone (when stale entries outnumber the live ones)."""
+        heaps: list[list[_Entry]] = [[] for _ in range(self.segments)]
+        entries, segs = self._entry, self._seg
+        for k in self._listed:
+            heaps[segs[k]].append(entries[k])
+        for h in heaps:
+            heapq.heapify(h)
+        self._heaps = heaps
+        self._inheap = {k: entries[k] for k in self._listed}
+        self._heap_len = len(self._listed)
 
     def _choose(self, firsts: list[_Entry | None], seg_bytes: list[int], budget: int) -> int:
         """The segment that gives the next victim (only called with several segments): default, the smallest."""
@@ -279,13 +410,32 @@ class EvictionPolicy(ABC):
         self._relist(key)
 
     def _unlist(self, key: Key) -> None:
-        self._lists[self._seg[key]].remove(self._entry[key])
         self._listed.discard(key)
+        if self.sorted_segments:
+            self._lists[self._seg[key]].remove(self._entry[key])
+            return
+        # heap mode: its entry goes stale in place, unless it is the heap's last item (the newest entry of
+        # its segment usually is: a chain's tail that just got a child), which goes at once
+        h = self._heaps[self._seg[key]]
+        if h and h[-1] is self._entry[key]:
+            h.pop()
+            self._heap_len -= 1
+            del self._inheap[key]
 
     def _relist(self, key: Key) -> None:
-        if key in self._size and key not in self._listed and self._children[key] <= 0 and key not in self._pins:
-            self._lists[self._seg[key]].add(self._entry[key])
-            self._listed.add(key)
+        if key in self._listed or key not in self._size or key in self._children or key in self._pins:
+            return
+        e = self._entry[key]
+        self._listed.add(key)
+        if self.sorted_segments:
+            self._lists[self._seg[key]].add(e)
+        elif self._inheap.get(key) is not e:
+            heappush(self._heaps[self._seg[key]], e)
+            self._inheap[key] = e
+            self._heap_len += 1
+            if self._heap_len > 4 * len(self._listed) + 1024:
+                self._compact()
+
 
 
 _REGISTRY: dict[str, type[EvictionPolicy]] = {}

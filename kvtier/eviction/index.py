@@ -28,6 +28,7 @@ class BudgetIndex:
         self.budget = budget
         self.policy = policy
         self.admission: Admission = admission if admission is not None else AlwaysAdmit()
+        self._always = type(self.admission) is AlwaysAdmit
         self.admission_refused = 0
         self.no_room = 0
         self.evictions = 0
@@ -49,25 +50,26 @@ class BudgetIndex:
         now: float | None = None,
     ) -> list[Hashable] | None:
         """Take ``key`` if admitted and there is room (evicting), else None. A resident key is only hit."""
-        if key in self.policy:
-            self.policy.touch([key], now=now)
+        policy = self.policy
+        if key in policy._size:  # resident (policy.__contains__ without the call)
+            policy.touch([key], now=now)
             return []
-        if not self.admission.admit(key):
+        if not self._always and not self.admission.admit(key):
             self.admission_refused += 1
             return None
         if nbytes > self.budget:
             self.no_room += 1
             return None
-        self.policy.add(key, parent, nbytes, tokens=tokens, now=now)
-        victims = self.policy.plan_eviction(0, self.budget, protect={key})
+        policy.add(key, parent, nbytes, tokens=tokens, now=now)
+        victims = policy.plan_eviction(0, self.budget, protect={key})
         if victims is None:
-            self.policy.remove(key)
+            policy.remove(key)
             self.no_room += 1
             return None
         for victim in victims:
-            self.policy.remove(victim, evicted=True)
+            policy.remove(victim, evicted=True)
         self.evictions += len(victims)
-        assert self.policy.used_bytes <= self.budget
+        assert policy.used_bytes <= self.budget
         return victims
 
     def sighted(self, key: Hashable) -> None:

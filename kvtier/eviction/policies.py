@@ -88,7 +88,7 @@ class ARCPolicy(EvictionPolicy):
 
     def plan_eviction(self, need: int, budget: int, protect: Iterable[Key] = ()) -> list[Key] | None:
         self._budget = budget  # bounds p and the ghosts; the plan itself stays pure
-        return super().plan_eviction(need, budget, protect)
+        return EvictionPolicy.plan_eviction(self, need, budget, protect)
 
     def _rank_new(
         self, key: Key, parent: Key | None, nbytes: int, tokens: int, depth: int | None, now: float
@@ -148,6 +148,7 @@ class S3FIFOPolicy(EvictionPolicy):
 
     name = "s3fifo"
     segments = 2
+    sorted_segments = True  # its plan and second chances range over the sorted main queue
     small_share = 0.1
 
     def __init__(self, **kwargs: object) -> None:
