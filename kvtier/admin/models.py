@@ -71,6 +71,8 @@ class PinResponse(_Strict):
 
 
 class TierStatsModel(_Strict):
+    """One tier's :class:`~kvtier.storage.base.BackendStats`, field for field (built from it with ``asdict``)."""
+
     name: str
     entries: int
     used_bytes: int
@@ -79,6 +81,8 @@ class TierStatsModel(_Strict):
     rejected_puts: int
     corrupt: int
     stale: int
+    forged: int
+    admission_refused: int
 
 
 class StatsResponse(_Strict):

@@ -8,6 +8,7 @@ Every removal goes through the stack (``TierStack.remove``/``clear``), so KV eve
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from kvtier.admin.models import (
@@ -143,16 +144,7 @@ class AdminService:
         publisher = events if isinstance(events, EventPublisher) else None
         return StatsResponse(
             tiers=[
-                TierStatsModel(
-                    name=t.name,
-                    entries=t.entries,
-                    used_bytes=t.used_bytes,
-                    max_bytes=t.max_bytes,
-                    evictions=t.evictions,
-                    rejected_puts=t.rejected_puts,
-                    corrupt=t.corrupt,
-                    stale=t.stale,
-                )
+                TierStatsModel(**dataclasses.asdict(t))
                 for t in self.base.tiers.stats()
             ],
             lookups=s.lookups,
