@@ -280,3 +280,16 @@ class BlackHoleProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def redis_only(url: str, chunk_size: int, **values: object) -> dict[str, object]:
+    """Config overrides for an engine on Redis alone (no l1, no l2, full chunks only), plus ``values``."""
+    return {
+        "chunk_size": chunk_size,
+        "store_partial": False,
+        "l1.enabled": False,
+        "l2.enabled": False,
+        "l3.enabled": True,
+        "l3.url": url,
+        **values,
+    }

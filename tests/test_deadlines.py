@@ -17,7 +17,7 @@ pytest.importorskip("redis")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server not installed", allow_module_level=True)
 
-from redis_servers import BlackHoleProxy, RedisServer
+from redis_servers import BlackHoleProxy, RedisServer, redis_only
 
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
@@ -38,17 +38,8 @@ def server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def _engine(url: str, **overrides: object) -> CacheEngine:
-    values = {
-        "chunk_size": C,
-        "store_partial": False,
-        "l1.enabled": False,
-        "l2.enabled": False,
-        "l3.enabled": True,
-        "l3.url": url,
-        "l3.timeout_s": 1.0,  # each slow reply (0.2 s) is well within the socket timeout
-        "l3.retry_interval_s": 5.0,
-        **overrides,
-    }
+    # each slow reply (0.2 s) is well within the socket timeout
+    values = redis_only(url, C, **({"l3.timeout_s": 1.0, "l3.retry_interval_s": 5.0} | overrides))
     return CacheEngine.from_config(load_config(env={}, overrides=values), Namespace("m", LAYOUT)).start()
 
 

@@ -32,7 +32,7 @@ if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
     )
 
 from conftest import v1_blob
-from redis_servers import BlackHoleProxy, RedisClusterServers, RedisServer
+from redis_servers import BlackHoleProxy, RedisClusterServers, RedisServer, redis_only
 
 from kvtier.chunk import Chunk, encode
 from kvtier.codec import Codec
@@ -117,18 +117,16 @@ def _l3(url: str, **values: Any) -> L3Config:
 
 
 def _config(url: str, **overrides: object) -> KvtierConfig:
-    values: dict[str, object] = {
-        "chunk_size": C,
-        "store_partial": False,
-        "l1.enabled": False,
-        "l2.enabled": False,
-        "l3.enabled": True,
-        "l3.url": url,
-        "l3.key_prefix": "kvt",
-        "l3.timeout_s": TIMEOUT,
-        "l3.connect_timeout_s": TIMEOUT,
-        "l3.retry_interval_s": RETRY,
-    }
+    values = redis_only(
+        url,
+        C,
+        **{
+            "l3.key_prefix": "kvt",
+            "l3.timeout_s": TIMEOUT,
+            "l3.connect_timeout_s": TIMEOUT,
+            "l3.retry_interval_s": RETRY,
+        },
+    )
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return load_config(env={}, overrides=values)
 

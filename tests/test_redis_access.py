@@ -19,7 +19,7 @@ pytest.importorskip("redis")
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server not installed", allow_module_level=True)
 
-from redis_servers import RedisServer, free_port
+from redis_servers import RedisServer, free_port, redis_only
 
 from kvtier.config import load_config
 from kvtier.engine import CacheEngine
@@ -35,16 +35,7 @@ PASSWORD = "alice-pass-" + "w" * 16
 
 
 def _engine(url: str, **overrides: object) -> CacheEngine:
-    values = {
-        "chunk_size": C,
-        "store_partial": False,
-        "l1.enabled": False,
-        "l2.enabled": False,
-        "l3.enabled": True,
-        "l3.url": url,
-        "l3.key_prefix": "kvt",
-        **overrides,
-    }
+    values = redis_only(url, C, **({"l3.key_prefix": "kvt"} | overrides))
     return CacheEngine.from_config(load_config(env={}, overrides=values), Namespace("m", LAYOUT))
 
 
