@@ -1,4 +1,4 @@
-"""kvtier.eviction.PrefixLRU: exact victim orders, leaves-first, purity, protection."""
+"""The ``lru`` policy (kvtier.eviction.make_policy("lru")): exact victim orders, leaves-first, purity, protection."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.eviction import PrefixLRU
+from kvtier.eviction import EvictionPolicy, make_policy
 from kvtier.keys import ChunkKey
 
 
@@ -24,20 +24,20 @@ def names(keys: list[ChunkKey] | None) -> list[str] | None:
     return None if keys is None else [NAMES.get(k, k.hex()[:6]) for k in keys]
 
 
-def snapshot(lru: PrefixLRU) -> tuple:
+def snapshot(lru: EvictionPolicy) -> tuple:
     return (list(lru), lru.used_bytes, len(lru), {k: lru.size_of(k) for k in lru})
 
 
 @pytest.fixture
-def two_chains() -> PrefixLRU:
+def two_chains() -> EvictionPolicy:
     """R -> a1 -> a2 and R -> b1 -> b2, 10 bytes each, added in that order."""
-    lru = PrefixLRU()
+    lru = make_policy("lru")
     for key, parent in ((R, None), (A1, R), (A2, A1), (B1, R), (B2, B1)):
         lru.add(key, parent, 10)
     return lru
 
 
-def test_add_order_and_accounting(two_chains: PrefixLRU) -> None:
+def test_add_order_and_accounting(two_chains: EvictionPolicy) -> None:
     assert names(list(two_chains)) == ["R", "a1", "a2", "b1", "b2"]
     assert two_chains.used_bytes == 50
     assert len(two_chains) == 5
@@ -45,14 +45,14 @@ def test_add_order_and_accounting(two_chains: PrefixLRU) -> None:
     assert two_chains.size_of(B2) == 10
 
 
-def test_touch_makes_ancestors_most_recent(two_chains: PrefixLRU) -> None:
+def test_touch_makes_ancestors_most_recent(two_chains: EvictionPolicy) -> None:
     two_chains.touch([R, A1])
     assert names(list(two_chains)) == ["a2", "b1", "b2", "a1", "R"]
     two_chains.touch([R, B1, B2, K("absent")])
     assert names(list(two_chains)) == ["a2", "a1", "b2", "b1", "R"]
 
 
-def test_add_existing_only_touches(two_chains: PrefixLRU) -> None:
+def test_add_existing_only_touches(two_chains: EvictionPolicy) -> None:
     two_chains.add(A1, None, 999)
     assert names(list(two_chains)) == ["R", "a2", "b1", "b2", "a1"]
     assert two_chains.used_bytes == 50
@@ -61,7 +61,7 @@ def test_add_existing_only_touches(two_chains: PrefixLRU) -> None:
     assert names(two_chains.plan_eviction(0, 10)) == ["a2", "b2", "b1", "a1"]
 
 
-def test_exact_victim_order_after_touch(two_chains: PrefixLRU) -> None:
+def test_exact_victim_order_after_touch(two_chains: EvictionPolicy) -> None:
     two_chains.touch([R, A1])  # order: a2, b1, b2, a1, R
     expected = ["a2", "b2", "b1", "a1", "R"]
     for n in range(1, 6):
@@ -72,12 +72,12 @@ def test_exact_victim_order_after_touch(two_chains: PrefixLRU) -> None:
     assert names(two_chains.plan_eviction(6, 55)) == ["a2"]
 
 
-def test_exact_victim_order_without_touch(two_chains: PrefixLRU) -> None:
+def test_exact_victim_order_without_touch(two_chains: EvictionPolicy) -> None:
     # the LRU end holds parents; the scan skips them and takes the oldest leaf
     assert names(two_chains.plan_eviction(0, 0)) == ["a2", "a1", "b2", "b1", "R"]
 
 
-def test_plan_is_pure(two_chains: PrefixLRU) -> None:
+def test_plan_is_pure(two_chains: EvictionPolicy) -> None:
     two_chains.touch([R, B1])
     before = snapshot(two_chains)
     for need, budget in ((10, 50), (50, 50), (100, 50), (0, 0)):
@@ -86,7 +86,7 @@ def test_plan_is_pure(two_chains: PrefixLRU) -> None:
         assert snapshot(two_chains) == before
 
 
-def test_remove_makes_parent_a_leaf(two_chains: PrefixLRU) -> None:
+def test_remove_makes_parent_a_leaf(two_chains: EvictionPolicy) -> None:
     assert two_chains.remove(A2) == 10
     assert two_chains.remove(A2) == 0
     assert two_chains.used_bytes == 40
@@ -97,7 +97,7 @@ def test_remove_makes_parent_a_leaf(two_chains: PrefixLRU) -> None:
     assert names(two_chains.plan_eviction(10, 10)) == ["R"]
 
 
-def test_protect(two_chains: PrefixLRU) -> None:
+def test_protect(two_chains: EvictionPolicy) -> None:
     two_chains.touch([R, A1])  # order: a2, b1, b2, a1, R
     assert names(two_chains.plan_eviction(10, 50, protect=[A2])) == ["b2"]
     assert names(two_chains.plan_eviction(20, 50, protect=[A2])) == ["b2", "b1"]
@@ -108,21 +108,21 @@ def test_protect(two_chains: PrefixLRU) -> None:
     assert names(two_chains.plan_eviction(40, 50, protect=[R])) == ["a2", "b2", "b1", "a1"]
 
 
-def test_protecting_a_parent_still_allows_its_leaves(two_chains: PrefixLRU) -> None:
+def test_protecting_a_parent_still_allows_its_leaves(two_chains: EvictionPolicy) -> None:
     assert names(two_chains.plan_eviction(20, 50, protect=[B1])) == ["a2", "a1"]
     assert names(two_chains.plan_eviction(30, 50, protect=[B1])) == ["a2", "a1", "b2"]
     assert two_chains.plan_eviction(40, 50, protect=[B1]) is None
 
 
-def test_impossible_returns_none(two_chains: PrefixLRU) -> None:
+def test_impossible_returns_none(two_chains: EvictionPolicy) -> None:
     assert two_chains.plan_eviction(51, 50) is None
     assert two_chains.plan_eviction(1, 0) is None
-    assert PrefixLRU().plan_eviction(1, 0) is None
-    assert PrefixLRU().plan_eviction(5, 5) == []
+    assert make_policy("lru").plan_eviction(1, 0) is None
+    assert make_policy("lru").plan_eviction(5, 5) == []
 
 
 def test_variable_sizes_stop_as_soon_as_enough() -> None:
-    lru = PrefixLRU()
+    lru = make_policy("lru")
     big, small1, small2 = K("big"), K("s1"), K("s2")
     lru.add(small1, None, 1)
     lru.add(big, None, 100)
@@ -133,7 +133,7 @@ def test_variable_sizes_stop_as_soon_as_enough() -> None:
 
 
 def test_child_of_absent_parent_is_a_leaf() -> None:
-    lru = PrefixLRU()
+    lru = make_policy("lru")
     orphan_parent = K("gone")
     lru.add(A1, orphan_parent, 10)
     assert lru.plan_eviction(10, 10) == [A1]
@@ -169,7 +169,7 @@ def forests(draw: st.DrawFn) -> tuple[list[tuple[int, int | None, int]], list[li
 def test_victims_are_always_leaves_at_their_turn(forest, need: int, data: st.DataObject) -> None:
     nodes, paths = forest
     keys = [K(f"n{i}") for i in range(len(nodes))]
-    lru = PrefixLRU()
+    lru = make_policy("lru")
     for i, parent, size in nodes:
         lru.add(keys[i], None if parent is None else keys[parent], size)
     for path in paths:

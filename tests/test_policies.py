@@ -7,13 +7,13 @@ import typing
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prefix_lru import PrefixLRU  # the original order, kept as the reference of the lru property test
 
 from kvtier.config import AdmissionName, EvictionPolicyName
 from kvtier.eviction import (
     ADMISSIONS,
     DEFAULT_POLICY,
     BudgetIndex,
-    PrefixLRU,
     SecondSight,
     make_admission,
     make_policy,

@@ -11,7 +11,6 @@ from kvtier.eviction import policies as _policies  # noqa: F401  (registers lru,
 from kvtier.eviction.admission import ADMISSIONS, Admission, AlwaysAdmit, SecondSight, make_admission
 from kvtier.eviction.base import EvictionPolicy, make_policy, policy_names, register
 from kvtier.eviction.index import BudgetIndex
-from kvtier.eviction.lru import PrefixLRU
 
 DEFAULT_POLICY = "adaptive"
 
@@ -22,7 +21,6 @@ __all__ = [
     "AlwaysAdmit",
     "BudgetIndex",
     "EvictionPolicy",
-    "PrefixLRU",
     "SecondSight",
     "make_admission",
     "make_policy",

@@ -39,10 +39,10 @@ from __future__ import annotations
 
 import heapq
 import time
-from heapq import heappop, heappush
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from heapq import heappop, heappush
 from typing import Any, ClassVar
 
 from sortedcontainers import SortedList

@@ -1,4 +1,8 @@
-"""Prefix-consistent LRU: the eviction order of one tier.
+"""kvtier's original prefix-consistent LRU, kept as the reference the ``lru`` policy is property-tested against.
+
+Was kvtier/eviction/lru.py; no tier runs it any more. The text below is its original contract.
+
+Prefix-consistent LRU: the eviction order of one tier.
 
 Order: least recently used first, but only *leaves* may go: an entry with a
 child in the same tier is never evicted before that child, because a chunk
