@@ -181,6 +181,9 @@ class VllmConfig(_Frozen):
 
     async_loads: bool = Field(default=True, description="load hits on kvtier's threads while vLLM steps other requests")
     load_threads: int = Field(default=2, gt=0, le=64, description="threads that load hits into vLLM's blocks")
+    load_parts: int = Field(
+        default=2, gt=0, le=64, description="a load is split into up to this many chunk-aligned parts, run at once"
+    )
     load_deadline_s: float = Field(
         default=5.0, gt=0, description="a load still running after this long is cut short; vLLM recomputes the rest"
     )
