@@ -191,6 +191,11 @@ class VllmConfig(_Frozen):
         default=ByteSize(2 * 10**9),
         description="KV of finished requests waiting to be copied out of vLLM's blocks; beyond it stores are dropped",
     )
+    quiet_idle_waits: bool = Field(
+        default=True,
+        description="on steps with nothing to compute (requests wait for loads), vLLM's processes wait for each "
+        "other's messages asleep instead of spinning on them",
+    )
 
 
 class SecurityConfig(_Frozen):

@@ -342,3 +342,49 @@ def test_an_idle_step_waits_for_a_load_in_flight_instead_of_spinning(make_sides)
             break
     assert reported == {"b"}
     assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 40), kv)
+
+
+def test_quiet_waits_put_a_vllm_queue_reader_to_sleep_until_the_writer_notifies():
+    """vLLM's reader spins (returns at once) after a recent read; quiet, the same wait sleeps until notified."""
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+    from kvtier.adapters.vllm import compat
+
+    assert compat.install_quiet_waits() and compat.install_quiet_waits()  # idempotent
+    context = zmq.Context()
+    address = get_open_zmq_ipc_path()
+    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+    try:
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=300)
+        assert time.perf_counter() - t0 < 0.1  # vLLM's busy loop: a sched_yield, then back to the shm check
+        compat.quiet_waits(True)
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=300)
+        assert time.perf_counter() - t0 >= 0.25  # asleep on the notify socket, nothing came
+        stop = threading.Event()
+
+        def notify() -> None:
+            while not stop.wait(0.02):
+                writer.notify()
+
+        pinger = threading.Thread(target=notify)
+        pinger.start()
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=5000)
+        assert time.perf_counter() - t0 < 2  # the writer's notify wakes it
+        stop.set()
+        pinger.join()
+    finally:
+        compat.quiet_waits(False)
+        for sock in (writer.local_notify_socket, reader.local_notify_socket):
+            sock.close(linger=0)
+        reader.write_cancel_socket.close(linger=0)
+        reader.read_cancel_socket.close(linger=0)
+        context.term()
