@@ -127,6 +127,11 @@ class L2Config(_Frozen):
         min_length=1,
         description="open the chunk folder to this group (2770/0660); default: private to its owner (0700/0600)",
     )
+    map_reads: bool = Field(
+        default=True,
+        description="read chunk files through a read-only mapping of the page cache (no copy into fresh memory); "
+        "off: read() into new memory (for folders something else may truncate in place)",
+    )
 
 
 class L3Config(_Frozen):

@@ -30,6 +30,7 @@ Nothing here raises into vLLM: a kvtier fault is a recompute or a later miss.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -227,7 +228,7 @@ class WorkerSide:
         chunks = -(-end // size) - first
         parts = max(1, min(self.options.load_parts, chunks))
         bounds = [start] + [(first + chunks * i // parts) * size for i in range(1, parts)] + [end]
-        return [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
+        return [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
 
     def _mark_loaded(self, req_id: str) -> None:
         with self._lock:
