@@ -293,6 +293,11 @@ class RouterConfig(_Frozen):
     decode_tokens_per_request: int = Field(
         default=8, ge=0, description="a decoding request as prefill tokens (its token in the next prefill's step)"
     )
+    sent_hint_s: float = Field(
+        default=30.0, ge=0, description="a finished request's prompt counts as held there this long (0: never)"
+    )
+    sent_hint_block: int = Field(default=256, gt=0, description="such a hint counts in whole blocks (chunk_size)")
+    sent_hint_max: int = Field(default=256, ge=0, description="prompts kept per instance as such hints (0: none)")
     rate_decay: float = Field(
         default=0.9, ge=0, lt=1, description="weight of the older samples in each instance's learned prefill rate"
     )

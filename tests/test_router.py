@@ -214,3 +214,28 @@ def test_backend_load_learns_the_prefill_rate_and_discounts_work_in_progress() -
     gone = b.dispatched(800)
     b.finished(gone, started=False)  # never started (connection refused): it leaves no trace
     assert (b.in_flight, b.decoding, b.queued_prefill_tokens, b.busy_since) == (0, 0, 0, None)
+
+
+def test_backend_remembers_the_prompts_sent_there_until_their_stores_can_have_reached_the_index() -> None:
+    now = [0.0]
+    b = Backend(RouterInstance(url="http://x"), clock=lambda: now[0])
+    alice = tuple(range(1000))
+    h = b.dispatched(1000, alice, "alice", max_sent=4)
+    turn2 = (*alice, 7, 8, 9)
+    assert b.sent_match(turn2, "alice") == 1000  # in flight: its engine holds (or is computing) the prefix
+    assert b.sent_match(turn2, "alice", block=256) == 768  # counted in whole blocks, as the index counts chunks
+    assert b.sent_match(turn2, "bob") == 0  # another tenant's prompt is no hit
+    assert b.sent_match((*alice[:5], 99, *alice[6:]), "alice", block=4) == 4  # only the leading common tokens
+    b.first_token(h, learn=True)
+    b.finished(h, started=True, sent_life_s=30.0)
+    now[0] = 29.0
+    assert b.sent_match(turn2, "alice") == 1000
+    now[0] = 31.0  # expired: by now the index has its chunks (or they are gone)
+    assert b.sent_match(turn2, "alice") == 0 and b.sent == {}
+    never = b.dispatched(1000, alice, "alice", max_sent=4)
+    b.finished(never, started=False, sent_life_s=30.0)  # it never reached the engine: no hint
+    assert b.sent_match(turn2, "alice") == 0
+    for i in range(6):  # at most max_sent prompts are kept, the oldest dropped first
+        b.dispatched(10, (i, *range(300)), None, max_sent=4)
+    assert len(b.sent) == 4
+    assert b.sent_match((0, *range(300)), None) == 0 and b.sent_match((5, *range(300)), None) == 301

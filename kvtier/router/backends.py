@@ -40,6 +40,8 @@ class Backend:
     # the prefill rate, as decayed sums of tokens done and the busy seconds they took (streamed requests only)
     rate_tokens: float = 0.0
     rate_seconds: float = 0.0
+    # prompts it was sent, still in flight or finished within the hint's life: (salt, tokens, expiry or None)
+    sent: dict[int, tuple[str | None, tuple[int, ...], float | None]] = field(default_factory=dict)
     _serial: int = 0
 
     @property
@@ -62,13 +64,40 @@ class Backend:
             return total
         return max(0, round(total - rate * (self.clock() - self.busy_since)))
 
-    def dispatched(self, prefill_tokens: int) -> int:
-        """A request sent here with ``prefill_tokens`` uncached prompt tokens; returns its handle."""
+    def dispatched(
+        self, prefill_tokens: int, tokens: tuple[int, ...] = (), salt: str | None = None, max_sent: int = 0
+    ) -> int:
+        """A request sent here with ``prefill_tokens`` uncached prompt tokens; returns its handle. Its prompt
+        ``tokens`` (of tenant ``salt``) are kept as a hint of what the instance holds (at most ``max_sent``)."""
         self._serial += 1
         if not self.pending:
             self.busy_since = self.clock()
         self.pending[self._serial] = max(0, prefill_tokens)
+        if tokens and max_sent > 0:
+            self.sent[self._serial] = (salt, tokens, None)
+            while len(self.sent) > max_sent:
+                del self.sent[next(iter(self.sent))]
         return self._serial
+
+    def sent_match(self, tokens: tuple[int, ...], salt: str | None, block: int = 1) -> int:
+        """Leading tokens of ``tokens`` shared with a prompt sent here (in flight, or finished and unexpired),
+        in whole ``block``s (the index's granularity: a few shared template tokens are no hit).
+
+        Bridges the time from a request's prefill to its chunks' store events (stores run when a request
+        finishes): the instance's engine holds the prefix in between, the KV-event index does not know yet."""
+        now = self.clock()
+        for h in [h for h, (_, _, exp) in self.sent.items() if exp is not None and exp <= now]:
+            del self.sent[h]
+        best = 0
+        for s, toks, _ in self.sent.values():
+            if s != salt or not toks or toks[0] != (tokens[0] if tokens else None):
+                continue
+            n = min(len(toks), len(tokens))
+            i = 0
+            while i < n and toks[i] == tokens[i]:
+                i += 1
+            best = max(best, i)
+        return best // max(1, block) * max(1, block)
 
     def first_token(self, handle: int, learn: bool) -> None:
         """The request's first response bytes came back: its prefill is done. ``learn``: its timing is a rate
@@ -85,12 +114,19 @@ class Backend:
         self.busy_since = now if self.pending else None
         self.decoding += 1
 
-    def finished(self, handle: int, started: bool) -> None:
-        """The request is over (``started``: it had had its first token)."""
+    def finished(self, handle: int, started: bool, sent_life_s: float = 0.0) -> None:
+        """The request is over (``started``: it had had its first token); its prompt stays a hint for
+        ``sent_life_s`` more seconds (the time its store takes to reach the index), if it had started."""
         if started:
             self.decoding -= 1
         elif self.pending.pop(handle, None) is not None and not self.pending:
             self.busy_since = None
+        hint = self.sent.get(handle)
+        if hint is not None:
+            if started and sent_life_s > 0:
+                self.sent[handle] = (hint[0], hint[1], self.clock() + sent_life_s)
+            else:
+                del self.sent[handle]
 
     @property
     def url(self) -> str:

@@ -57,6 +57,7 @@ class Router:
         self.routed = 0
         self.no_tokens = 0  # requests routed on load alone (tokenize failed)
         self.index_fallbacks = 0  # instance hits taken from the admin lookup or taken as 0 (stale or no index)
+        self.sent_hints = 0  # instance hits taken from the prompts sent there (the index did not know them yet)
         self.decisions: deque[dict[str, Any]] = deque(maxlen=256)  # the latest scored requests (/router/stats)
 
     async def start(self) -> None:
@@ -164,15 +165,16 @@ class Router:
                 best = max(best, b.subscriber.index.match_any(tokens, self.config.shared_media, cache_salt=salt))
         return best
 
-    async def order(self, path: str, body: dict[str, Any]) -> list[tuple[Backend, int]]:
-        """Healthy instances, best first, each with the prompt tokens it would prefill (0 if unknown)."""
+    async def order(self, path: str, body: dict[str, Any]) -> tuple[list[tuple[Backend, int]], tuple[int, ...]]:
+        """Healthy instances, best first, each with the prompt tokens it would prefill (0 if unknown), and
+        the prompt's token ids (empty if unknown)."""
         healthy = self.healthy()
         if not healthy:
-            return []
+            return [], ()
         start = next(self._rr) % len(healthy)
         rotated = healthy[start:] + healthy[:start]
         if self.config.policy == "round_robin":
-            return [(b, 0) for b in rotated]
+            return [(b, 0) for b in rotated], ()
         tokens = await self._tokens(path, body, rotated)
         if tokens is None:
             self.no_tokens += 1
@@ -180,9 +182,12 @@ class Router:
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         hits = await asyncio.gather(*(self._hit(b, tokens, salt, body.get("model")) for b in rotated))
         shared = self._shared(tokens, salt) if tokens else 0
+        key = tuple(tokens)
+        sent = [b.sent_match(key, salt, self.config.sent_hint_block) if key else 0 for b in rotated]
+        self.sent_hints += sum(1 for s, (local, _) in zip(sent, hits, strict=True) if s > local)
         cands = [
-            Candidate(str(i), local, max(sh, shared), b.in_flight, b.queued_prefill_tokens, b.decoding)
-            for i, (b, (local, sh)) in enumerate(zip(rotated, hits, strict=True))
+            Candidate(str(i), max(local, s), max(sh, shared), b.in_flight, b.queued_prefill_tokens, b.decoding)
+            for i, (b, (local, sh), s) in enumerate(zip(rotated, hits, sent, strict=True))
         ]
         ranked = rank(
             cands,
@@ -198,6 +203,7 @@ class Router:
                     {
                         "url": rotated[int(c.name)].url,
                         "local_tokens": c.local_tokens,
+                        "sent_tokens": sent[int(c.name)],
                         "shared_tokens": c.shared_tokens,
                         "in_flight": c.in_flight,
                         "decoding": c.decoding,
@@ -209,7 +215,7 @@ class Router:
             }
         )
         credit = self.config.shared_credit
-        return [(rotated[int(c.name)], round(len(tokens) - hit_tokens(c, credit))) for c, _ in ranked]
+        return [(rotated[int(c.name)], round(len(tokens) - hit_tokens(c, credit))) for c, _ in ranked], key
 
     # -- forwarding --------------------------------------------------------------------------------------------
 
@@ -220,7 +226,8 @@ class Router:
             return JSONResponse({"error": {"message": f"request body is not valid JSON: {exc}"}}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": {"message": "request body must be a JSON object"}}, status_code=400)
-        ranked = await self.order(path, body)
+        ranked, tokens = await self.order(path, body)
+        salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         if not ranked:
             return JSONResponse({"error": {"message": "no healthy instance"}}, status_code=503)
         streamed = body.get("stream") is True
@@ -228,7 +235,7 @@ class Router:
         for b, prefill in ranked:
             if not b.healthy:
                 continue
-            handle = b.dispatched(prefill)
+            handle = b.dispatched(prefill, tokens, salt, self.config.sent_hint_max)
             req = self.http.build_request("POST", f"{b.url}{path}", content=raw, headers=fwd_headers)
             try:
                 resp = await self.http.send(req, stream=True)
@@ -260,7 +267,7 @@ class Router:
                     started = True
                 yield chunk
         finally:
-            b.finished(handle, started)
+            b.finished(handle, started, self.config.sent_hint_s)
             await resp.aclose()
 
     async def get(self, path: str) -> Response:
@@ -278,6 +285,7 @@ class Router:
             "routed": self.routed,
             "routed_on_load_only": self.no_tokens,
             "index_fallbacks": self.index_fallbacks,
+            "sent_hints": self.sent_hints,
             "instances": [b.snapshot() for b in self.backends],
             "recent": list(self.decisions),
         }
