@@ -105,6 +105,9 @@ class NodeConfig(_Frozen):
     path: Path | None = Field(default=None, description="folder in a tmpfs; default /dev/shm/kvtier-<uid>")
     max_bytes: PositiveBytes | None = Field(default=None, description="one budget for every process on the machine")
     codec: CodecSpec = Field(default="raw", description="codec of the chunk files, e.g. int8+zstd")
+    policy: EvictionPolicyName = Field(
+        default="adaptive", description="eviction order of this process's chunks (docs/eviction.md)"
+    )
 
     @model_validator(mode="after")
     def _budget_when_enabled(self) -> NodeConfig:
