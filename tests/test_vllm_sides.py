@@ -140,6 +140,45 @@ def test_an_async_load_fills_the_blocks_while_the_step_goes_on(make_sides):
     assert worker.metrics.load_seconds._sum.get() > 0
 
 
+def test_the_same_prompt_again_hits_all_but_its_last_token(make_sides):
+    """A finished request's prompt ends inside a chunk and its answer follows: the prompt's own partial chunk is
+    stored too, so the same prompt sent again loads 39 of its 40 tokens (vLLM computes the last), not just the
+    full chunk; the request with the answer still hits its own partial chunk."""
+    from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
+
+    scheduler, worker = make_sides()
+    prompt = list(range(600, 640))  # one full 32-token chunk, then 8 prompt tokens
+    tokens = [*prompt, 1, 2, 3, 4, 5]  # and 5 generated ones (the last has no KV yet)
+    kv = torch.randn(2, 2, H, 44, D)
+    kernel_write(worker.paged, worker.layers, kv, [4, 1, 3])
+    a = FakeRequest("a", tokens)
+    a.num_prompt_tokens, a.num_computed_tokens = len(prompt), 44
+    assert scheduler.matched(RequestView(a), 0) == (0, False)
+    scheduler.after_alloc(RequestView(a), [4, 1, 3], 0)
+    scheduler.build_meta(list(scheduled_requests(scheduler_output([("a", 0, [4, 1, 3])], {"a": 40}))))
+    assert scheduler.finished(RequestView(a), [4, 1, 3])
+    (op,) = scheduler.build_meta([]).stores
+    assert (len(op.tokens), op.prompt_tokens) == (44, 40)
+    worker.store(op)
+    assert wait_finished(worker) == ({"a"}, set())
+    assert worker.flush(10)
+    assert worker.stats.stored_chunks == 3  # [0, 32), the prompt's [32, 40) and the answer's [32, 44)
+
+    again = FakeRequest("b", prompt)
+    assert scheduler.matched(RequestView(again), 0) == (39, True)
+    scheduler.after_alloc(RequestView(again), [2, 5, 0], 39)
+    (load,) = scheduler.build_meta([]).loads
+    assert (len(load.tokens), load.start, load.end) == (40, 0, 39)  # the chunk's key needs all 40 tokens
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert worker.take_load_errors() == set()
+    assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 39), kv[:, :, :, :39])
+    assert not torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 39, 40), kv[:, :, :, 39:40])  # not written
+
+    follow_up = FakeRequest("c", [*tokens[:44], 9, 9])  # the chat goes on: the answer's chunk serves 44 tokens
+    assert scheduler.matched(RequestView(follow_up), 0) == (44, True)
+
+
 def test_sync_loads_run_before_the_forward(make_sides):
     from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
 

@@ -278,11 +278,18 @@ class WorkerSide:
         op = job.op
         try:
             source = PagedKV(self.paged, self.layers, op.block_ids, len(op.tokens))
-            result = self.engines.get(op.cache_salt).store(op.tokens, source)  # copies out of the blocks
+            engine = self.engines.get(op.cache_salt)
+            stored = 0
+            prompt = op.prompt_tokens or 0
+            if engine.store_partial and 0 < prompt < len(op.tokens) and prompt % engine.chunk_size:
+                # the prompt's own trailing partial chunk (the answer's tokens give the next one another key):
+                # the same prompt again then hits all of it; the full chunks stored here are skipped below
+                stored += engine.store(op.tokens[:prompt], source).stored_chunks
+            stored += engine.store(op.tokens, source).stored_chunks  # copies out of the blocks
             with self._lock:
-                self.stats.stored_chunks += result.stored_chunks
-            if result.stored_chunks:
-                log.debug("request %s: stored %d chunks (%d tokens)", op.req_id, result.stored_chunks, len(op.tokens))
+                self.stats.stored_chunks += stored
+            if stored:
+                log.debug("request %s: stored %d chunks (%d tokens)", op.req_id, stored, len(op.tokens))
         except Exception:  # a failed store is a later miss, never a failed request
             log.exception("request %s: kvtier store failed", op.req_id)
         finally:
