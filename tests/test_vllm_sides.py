@@ -179,6 +179,40 @@ def test_the_same_prompt_again_hits_all_but_its_last_token(make_sides):
     assert scheduler.matched(RequestView(follow_up), 0) == (44, True)
 
 
+def test_blocks_are_released_once_copied_and_reusing_them_does_not_touch_the_store(make_sides):
+    """The store thread reports the request (vLLM frees its blocks) as soon as it has copied them, before the
+    chunks are built and written: vLLM writing other KV into those blocks right then changes nothing stored."""
+    from kvtier.adapters.vllm.compat import RequestView
+    from kvtier.adapters.vllm.metadata import StoreOp
+
+    scheduler, worker = make_sides()
+    tokens = list(range(700, 790))  # two full chunks and a 26-token tail: 6 blocks of 16
+    kv = torch.randn(2, 2, H, 90, D)
+    blocks = [4, 1, 3, 6, 2, 7]
+    kernel_write(worker.paged, worker.layers, kv, blocks)
+    release = threading.Event()
+    real_put = worker.base.tiers.put_chunks
+
+    def put_after_reuse(chunks):  # the tiers are written only after the blocks were handed back and reused
+        assert release.wait(10)
+        return real_put(chunks)
+
+    worker.base.tiers.put_chunks = put_after_reuse
+    worker.store(StoreOp("a", tokens, blocks, None, True, len(tokens)))
+    assert wait_finished(worker) == ({"a"}, set())  # released while the tier write waits
+    for layer in worker.layers:
+        layer.fill_(-1.0)  # vLLM reuses the blocks for another request
+    release.set()
+    assert worker.flush(10)
+    worker.base.tiers.put_chunks = real_put
+    b = FakeRequest("b", [*tokens, 5])
+    assert scheduler.matched(RequestView(b), 0) == (90, True)
+    scheduler.after_alloc(RequestView(b), [5, 0, 1, 2, 3, 4], 90)
+    worker.start_loads(scheduler.build_meta([]).loads)
+    assert wait_finished(worker) == (set(), {"b"})
+    assert torch.equal(worker.paged.read(worker.layers, [5, 0, 1, 2, 3, 4], 0, 90), kv)
+
+
 def test_sync_loads_run_before_the_forward(make_sides):
     from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
 
