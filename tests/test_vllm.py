@@ -172,6 +172,7 @@ def test_loads_past_their_deadline_are_recomputed_with_identical_output(runs):
         assert recomputed == (got < int(n))
         assert got == int(n) or req_id in late_ids  # only a late load comes back short here
 
+
 def test_a_decode_keeps_stepping_while_another_request_loads(runs):
     """The hit waits for its kvtier load in vLLM's WAITING_FOR_REMOTE_KVS while the decode gets tokens."""
     base, overlap = runs["base"], runs["overlap"]

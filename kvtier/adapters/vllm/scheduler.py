@@ -161,9 +161,7 @@ class SchedulerSide:
         if n <= 0 or not block_ids:
             return False
         self.finishing.append(
-            StoreOp(
-                request.id, request.tokens(n), list(block_ids), request.cache_salt, True, request.num_prompt_tokens
-            )
+            StoreOp(request.id, request.tokens(n), list(block_ids), request.cache_salt, True, request.num_prompt_tokens)
         )
         return True
 
