@@ -402,7 +402,9 @@ class Ledger:
             self._reclaim(db)
             known = {ChunkKey(k): w for k, w in db.execute("SELECT key, writer FROM chunks")}
             for key, (mtime, parent, size) in seen.items():
-                if key not in known:
+                # the scan ran before this transaction: a file another writer evicted since then (its unlink
+                # and row deletion happen under this lock) must not come back as a row without a file
+                if key not in known and chunk_path(self.root, key, parent).exists():
                     db.execute(
                         "INSERT INTO chunks (key, parent, size, used) VALUES (?, ?, ?, ?)",
                         (key.digest, parent.digest if parent is not None else None, size, mtime),
