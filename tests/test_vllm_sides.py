@@ -213,6 +213,76 @@ def test_blocks_are_released_once_copied_and_reusing_them_does_not_touch_the_sto
     assert torch.equal(worker.paged.read(worker.layers, [5, 0, 1, 2, 3, 4], 0, 90), kv)
 
 
+def _stored_then_cleared(scheduler, worker, tokens, kv, blocks):
+    """Store ``tokens`` from ``blocks``, zero the blocks, and return the LoadOp that brings them back."""
+    from kvtier.adapters.vllm.compat import RequestView
+
+    store_request(scheduler, worker, "a", tokens, kv, blocks)
+    for layer in worker.layers:
+        layer.zero_()
+    b = FakeRequest("b", [*tokens, 7])
+    assert scheduler.matched(RequestView(b), 0) == (len(tokens), True)
+    scheduler.after_alloc(RequestView(b), blocks, len(tokens))
+    (load,) = scheduler.build_meta([]).loads
+    return load
+
+
+def test_a_load_runs_its_chunk_aligned_parts_at_once(make_sides):
+    """load_parts = 3 over four chunks: three retrieves of whole chunks, all in flight together, fill every block."""
+    scheduler, worker = make_sides(**{"vllm.load_parts": 3, "vllm.load_threads": 3})
+    tokens = list(range(2000, 2128))  # four 32-token chunks, blocks of 16
+    kv = torch.randn(2, 2, H, 128, D)
+    load = _stored_then_cleared(scheduler, worker, tokens, kv, list(range(8)))
+    engine = worker.engines.get(None)
+    real_retrieve = engine.retrieve
+    together = threading.Barrier(3, timeout=5)  # a part that ran alone would break it: its load would fail
+    ranges = []
+
+    def parallel_retrieve(*args, start, max_tokens, **kwargs):
+        ranges.append((start, max_tokens))
+        together.wait()
+        return real_retrieve(*args, start=start, max_tokens=max_tokens, **kwargs)
+
+    engine.retrieve = parallel_retrieve
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert sorted(ranges) == [(0, 32), (32, 64), (64, 128)]
+    assert worker.take_load_errors() == set()
+    assert worker.stats.loaded_tokens == 128 and worker.stats.failed_loads == 0
+    assert torch.equal(worker.paged.read(worker.layers, list(range(8)), 0, 128), kv)
+
+
+def test_a_failed_first_part_fails_the_whole_load_whatever_the_later_parts_wrote(make_sides):
+    """The blocks hold only a gap-free prefix: [0, 64) failed, so [64, 128), though written, is reported too."""
+    scheduler, worker = make_sides(**{"vllm.load_parts": 2})
+    tokens = list(range(3000, 3128))
+    kv = torch.randn(2, 2, H, 128, D)
+    load = _stored_then_cleared(scheduler, worker, tokens, kv, list(range(8)))
+    engine = worker.engines.get(None)
+    real_retrieve = engine.retrieve
+
+    def first_part_fails(*args, start, **kwargs):
+        if start == 0:
+            raise OSError("tier read failed")
+        return real_retrieve(*args, start=start, **kwargs)
+
+    engine.retrieve = first_part_fails
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert worker.take_load_errors() == set(range(8))
+    assert worker.stats.loaded_tokens == 0 and worker.stats.failed_loads == 1
+    assert torch.equal(worker.paged.read(worker.layers, list(range(8)), 64, 128), kv[:, :, :, 64:])  # written, unused
+
+
+def test_loads_split_into_whole_chunks(make_sides):
+    _, worker = make_sides(**{"vllm.load_parts": 2})
+    assert worker._split(0, 128) == [(0, 64), (64, 128)]
+    assert worker._split(16, 100) == [(16, 64), (64, 100)]  # vLLM held [0, 16); the last chunk is partial
+    assert worker._split(0, 20) == [(0, 20)]  # one chunk: one part
+    _, worker = make_sides(**{"vllm.load_parts": 4})
+    assert worker._split(32, 128) == [(32, 64), (64, 96), (96, 128)]  # no more parts than chunks
+
+
 def test_sync_loads_run_before_the_forward(make_sides):
     from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
 
@@ -345,3 +415,49 @@ def test_an_idle_step_waits_for_a_load_in_flight_instead_of_spinning(make_sides)
             break
     assert reported == {"b"}
     assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 40), kv)
+
+
+def test_quiet_waits_put_a_vllm_queue_reader_to_sleep_until_the_writer_notifies():
+    """vLLM's reader spins (returns at once) after a recent read; quiet, the same wait sleeps until notified."""
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+    from kvtier.adapters.vllm import compat
+
+    assert compat.install_quiet_waits() and compat.install_quiet_waits()  # idempotent
+    context = zmq.Context()
+    address = get_open_zmq_ipc_path()
+    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+    try:
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=300)
+        assert time.perf_counter() - t0 < 0.1  # vLLM's busy loop: a sched_yield, then back to the shm check
+        compat.quiet_waits(True)
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=300)
+        assert time.perf_counter() - t0 >= 0.25  # asleep on the notify socket, nothing came
+        stop = threading.Event()
+
+        def notify() -> None:
+            while not stop.wait(0.02):
+                writer.notify()
+
+        pinger = threading.Thread(target=notify)
+        pinger.start()
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=5000)
+        assert time.perf_counter() - t0 < 2  # the writer's notify wakes it
+        stop.set()
+        pinger.join()
+    finally:
+        compat.quiet_waits(False)
+        for sock in (writer.local_notify_socket, reader.local_notify_socket):
+            sock.close(linger=0)
+        reader.write_cancel_socket.close(linger=0)
+        reader.read_cancel_socket.close(linger=0)
+        context.term()

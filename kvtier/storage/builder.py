@@ -137,6 +137,7 @@ def build_backends(
                 policy=policy,
                 eviction=config.l2.policy,
                 access=_folder_access(config.l2.shared_group),
+                map_reads=config.l2.map_reads,
             )
         )
     if config.l3.enabled:
