@@ -223,6 +223,60 @@ def test_budget_leaves_and_pins(name: str, work: tuple, budget: int) -> None:
             assert policy.used_bytes - sum(sizes[v] for v in plan) + 2 <= budget
 
 
+def _state(policy):  # type: ignore[no-untyped-def]
+    """Everything a policy's later decisions depend on (its order, sizes, pins, ARC's target and ghosts)."""
+    extra = (getattr(policy, "p", None), list(getattr(policy, "_b1", {}).items()), list(getattr(policy, "_b2", {}).items()))
+    return list(policy), policy.used_bytes, policy.evictable(), dict(policy._children), extra
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_insert_equals_the_protocol_calls(name: str, seed: int) -> None:
+    """BudgetIndex's fused insert_evict gives the same victims and leaves the same state as add, plan_eviction
+    and remove called one by one (random trees with hits, pins, deletions, short chunks, several victims per
+    insert, long enough to compact the heaps)."""
+    import random
+
+    rng = random.Random(seed)
+    budget = rng.choice([8, 40, 300])
+    fused = make_policy(name, clock=lambda: 0.0)
+    calls = make_policy(name, clock=lambda: 0.0)
+    parents: dict[int, int | None] = {}
+    leaves: list[int] = []
+    for step in range(6000):
+        op = rng.random()
+        if op < 0.7:
+            k = len(parents)
+            parent = rng.choice(leaves) if leaves and rng.random() < 0.7 else None
+            parents[k] = parent
+            leaves.append(k)
+            nbytes, tokens = rng.choice([(1, 512), (1, 512), (1, 40), (2, 512), (0, 0)])
+            if k in fused:
+                continue
+            a = fused.insert_evict(k, parent, nbytes, budget, tokens=tokens)
+            b = calls._insert_evict_calls(k, parent, nbytes, budget, tokens, None)
+            assert a == b, f"{name} step {step}"
+            assert fused.used_bytes <= budget
+        elif op < 0.85 and leaves:
+            k = rng.choice(leaves)
+            path = [k]
+            while parents[path[-1]] is not None:
+                path.append(parents[path[-1]])  # type: ignore[arg-type]
+            for p in (fused, calls):
+                p.touch(path[::-1])
+        elif op < 0.9 and parents:
+            k = rng.randrange(len(parents))
+            pin = rng.random() < 0.5
+            for p in (fused, calls):
+                p.pin(k) if pin else p.unpin(k)
+        elif parents:
+            k = rng.randrange(len(parents))
+            assert fused.remove(k) == calls.remove(k)
+        if step % 500 == 0:
+            assert _state(fused) == _state(calls)
+    assert _state(fused) == _state(calls)
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_pinned_chain_survives_pressure(name: str) -> None:
     index = BudgetIndex(6, make_policy(name))
@@ -392,3 +446,4 @@ def test_disk_tier_pins_and_preferred_victims(tmp_path, namespace, policy: str, 
         assert disk.contains([c.key for c in chains[0]]) == [False, False]
     finally:
         disk.close()
+
