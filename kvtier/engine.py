@@ -69,6 +69,15 @@ class LookupResult:
         """A short human description, e.g. ``"l1:2048+l2:1024"`` or ``"none"``."""
         return "+".join(f"{t}:{n}" for t, n in self.tier_tokens.items() if n) or "none"
 
+    @property
+    def chunk_end(self) -> int:
+        """Where the located chunks end: ``num_tokens``, or more when ``max_tokens`` cut the last chunk short.
+
+        A retrieve must be given the tokens up to here (with ``max_tokens=num_tokens``) to find that last chunk:
+        a partial chunk's key covers all of its tokens.
+        """
+        return max(self.num_tokens, self._plan[-1][0].end) if self._plan else self.num_tokens
+
 
 @dataclass(frozen=True)
 class RetrieveResult:
