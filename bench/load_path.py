@@ -15,11 +15,16 @@ KV would time the same. Measured, best of the machine's quiet moments
 * ``get_gbps`` of one batched ``backend.get(all keys)`` (what ``TierStack.get``
   asks a tier), for 1, 2 and 4 reader threads (``read_threads``): payload
   bytes / s, checksum verification included;
-* its stages on one thread, per prefix: ``read`` (disk: open, header parse,
-  the body read into fresh memory; node: open, a populated read-only mapping
-  of the file, header parse, no copy), ``checksum`` (one xxh3-128 pass over the
+* its stages on one thread, per prefix: ``read`` (open, a populated read-only
+  mapping of the file, header parse, no copy: what both tiers do, the disk
+  tier unless ``map_reads`` is off, then the body is read into fresh memory),
+  ``checksum`` (one xxh3-128 pass over the
   bodies), ``decode`` (``decode_payload`` minus its checksum: the tensor
   view), and for the node tier ``index`` (the ledger lookup and touch);
+* the whole load into vLLM-CPU blocks (``CacheEngine.retrieve`` with the
+  connector's kind of sink), as one retrieve (``load``) and split into
+  ``LOAD_PARTS`` chunk-aligned retrieves on as many threads, as the vLLM
+  worker runs it (``vllm.load_parts``; ``load_parts``);
 * the floors, in the same run: ``memcpy_pre_gbps`` (a copy of the same bytes
   into preallocated, already-touched memory) and ``memcpy_fresh_gbps`` (into
   freshly allocated memory, as a read that returns new tensors must).
@@ -29,11 +34,13 @@ Targets (issue 12): disk ≥ 2 GB/s, node ≥ 3 GB/s, at the default thread coun
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +63,7 @@ LAYOUT = KVLayout(num_layers=30, num_kv_heads=3, head_dim=64)  # SmolLM2-135M, f
 NAMESPACE = Namespace("load-path-bench", LAYOUT)
 BLOCK_TOKENS = 128  # vLLM-CPU's block size in kvtier serve
 THREADS = (1, 2, 4)
+LOAD_PARTS = 2  # the vLLM worker's default split of a load (vllm.load_parts)
 DEFAULT_THREADS = min(4, os.cpu_count() or 1)  # what the tiers use unless told otherwise
 TARGETS = {"l2": 2.0, "node": 3.0}
 
@@ -134,6 +142,22 @@ def whole_load(engine: CacheEngine, tokens: np.ndarray, blocks: PagedBlocks) -> 
     return engine.retrieve(tokens, sink=sink).num_tokens
 
 
+def parted_load(engine: CacheEngine, tokens: np.ndarray, blocks: PagedBlocks, pool: ThreadPoolExecutor) -> int:
+    """:func:`whole_load` split into ``LOAD_PARTS`` chunk-aligned retrieves run at once (the vLLM worker's way)."""
+    size = engine.chunk_size
+    chunks = -(-len(tokens) // size)
+    bounds = [min(len(tokens), chunks * i // LOAD_PARTS * size) for i in range(LOAD_PARTS + 1)]
+
+    def part(lo: int, hi: int) -> int:
+        def sink(start: int, end: int, kv: torch.Tensor) -> bool:
+            blocks.scatter(start, kv)
+            return True
+
+        return engine.retrieve(tokens, start=lo, max_tokens=hi, sink=sink).num_tokens - lo
+
+    return sum(pool.map(lambda b: part(*b), [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]))
+
+
 def bench_tier(name: str, backend, chunks: list[Chunk], timer: h.CleanTimer, repeats: int) -> dict[str, Any]:
     keys = [c.key for c in chunks]
     nbytes = sum(c.payload.nbytes for c in chunks)
@@ -150,7 +174,7 @@ def bench_tier(name: str, backend, chunks: list[Chunk], timer: h.CleanTimer, rep
     row["get_gbps"] = row[f"get_t{DEFAULT_THREADS}_gbps"]
     paths = sorted(Path(backend.root).glob("*/*.kvc"))
     assert len(paths) == len(chunks)
-    reader = _map_files if isinstance(backend, NodeBackend) else _read_files
+    reader = _map_files if isinstance(backend, NodeBackend) or backend.map_reads else _read_files
     read_s, _, items, _ = timer.timed(f"{name}/read", lambda: reader(paths), repeats=repeats)
     sum_s, _, _, _ = timer.timed(
         f"{name}/checksum", lambda: [xxhash.xxh3_128(body).digest() for _, body in items], repeats=repeats
@@ -181,6 +205,17 @@ def bench_tier(name: str, backend, chunks: list[Chunk], timer: h.CleanTimer, rep
     row["load_ms"] = load_s * 1e3
     row["load_gbps"] = nbytes / load_s / 1e9
     row["load_best_gbps"] = nbytes / min(load_times) / 1e9
+    with ThreadPoolExecutor(LOAD_PARTS) as pool:
+        for layer in blocks.layers:
+            layer.zero_()
+        assert parted_load(engine, tokens, blocks, pool) == len(tokens)
+        assert torch.equal(blocks.paged.read(blocks.layers, blocks.block_ids, 0, len(tokens)), expected)
+        parts_s, parts_times, _, _ = timer.timed(
+            f"{name}/load-parts", lambda: parted_load(engine, tokens, blocks, pool), repeats=repeats
+        )
+    row["load_parts_ms"] = parts_s * 1e3
+    row["load_parts_gbps"] = nbytes / parts_s / 1e9
+    row["load_parts_best_gbps"] = nbytes / min(parts_times) / 1e9
     row["stages_ms"] = {k: v * 1e3 for k, v in stages.items()}
     row["stages_gbps"] = {k: nbytes / v / 1e9 if v > 0 else None for k, v in stages.items()}
     return row
@@ -202,9 +237,12 @@ def print_report(result: dict[str, Any]) -> None:
         cols[f"get GB/s t{t}"] = lambda r, t=t: f"{r[f'get_t{t}_gbps']:.2f}"
     for stage in ("read", "checksum", "decode", "scatter", "index"):
         cols[f"{stage} ms (GB/s)"] = lambda r, s=stage: (
-            f"{r['stages_ms'][s]:.1f} ({r['stages_gbps'][s]:.1f})" if s in r["stages_ms"] else "-"
+            (f"{r['stages_ms'][s]:.1f} ({g:.1f})" if (g := r["stages_gbps"][s]) else f"{r['stages_ms'][s]:.1f}")
+            if s in r["stages_ms"]
+            else "-"
         )
     cols["whole load ms (GB/s)"] = lambda r: f"{r['load_ms']:.1f} ({r['load_gbps']:.2f})"
+    cols[f"load, {LOAD_PARTS} parts ms (GB/s)"] = lambda r: f"{r['load_parts_ms']:.1f} ({r['load_parts_gbps']:.2f})"
     title = f"load path, {rows[0]['chunks']} chunks of {result['settings']['chunk_tokens']} tokens"
     h.print_table(con, title, cols, rows)
     f = result["floors"]
@@ -217,6 +255,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     with h.figure(path, ncols=1, figsize=(7, 4), title="a 2,560-token prefix: tier get and whole load (GB/s)") as (ax,):
         series = [(f"get, {t} thread(s)", [r[f"get_t{t}_gbps"] for r in rows], None) for t in THREADS]
         series.append(("whole load into vLLM blocks", [r["load_gbps"] for r in rows], None))
+        series.append((f"whole load, {LOAD_PARTS} parts", [r["load_parts_gbps"] for r in rows], None))
         h.grouped_bars(ax, [r["tier"] for r in rows], series, annotate=lambda v: f"{v:.1f}")
         f = result["floors"]
         ax.axhline(f["memcpy_fresh_gbps"], ls="--", c="gray", lw=1, label="memcpy, fresh memory")
@@ -265,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             "layout": LAYOUT.to_dict(),
             "codec": "raw",
             "default_read_threads": DEFAULT_THREADS,
+            "load_parts": LOAD_PARTS,
             "units": "GB/s = 1e9 payload bytes per second",
         },
         "machine": run.machine(),
@@ -273,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {
             **{f"{r['tier']}_get_gbps": h.check(r["get_gbps"], ">=", TARGETS[r["tier"]]) for r in rows},
             **{f"{r['tier']}_load_gbps": h.check(r["load_gbps"], ">=", TARGETS[r["tier"]]) for r in rows},
+            **{f"{r['tier']}_load_parts_gbps": h.check(r["load_parts_gbps"], ">=", TARGETS[r["tier"]]) for r in rows},
         },
         "contention": run.timer.report(blocks=True),
         "runtime_s": run.runtime_s,

@@ -105,6 +105,9 @@ class NodeConfig(_Frozen):
     path: Path | None = Field(default=None, description="folder in a tmpfs; default /dev/shm/kvtier-<uid>")
     max_bytes: PositiveBytes | None = Field(default=None, description="one budget for every process on the machine")
     codec: CodecSpec = Field(default="raw", description="codec of the chunk files, e.g. int8+zstd")
+    policy: EvictionPolicyName = Field(
+        default="adaptive", description="eviction order of this process's chunks (docs/eviction.md)"
+    )
 
     @model_validator(mode="after")
     def _budget_when_enabled(self) -> NodeConfig:
@@ -126,6 +129,11 @@ class L2Config(_Frozen):
         default=None,
         min_length=1,
         description="open the chunk folder to this group (2770/0660); default: private to its owner (0700/0600)",
+    )
+    map_reads: bool = Field(
+        default=True,
+        description="read chunk files through a read-only mapping of the page cache (no copy into fresh memory); "
+        "off: read() into new memory (for folders something else may truncate in place)",
     )
 
 
@@ -181,12 +189,20 @@ class VllmConfig(_Frozen):
 
     async_loads: bool = Field(default=True, description="load hits on kvtier's threads while vLLM steps other requests")
     load_threads: int = Field(default=2, gt=0, le=64, description="threads that load hits into vLLM's blocks")
+    load_parts: int = Field(
+        default=2, gt=0, le=64, description="a load is split into up to this many chunk-aligned parts, run at once"
+    )
     load_deadline_s: float = Field(
         default=5.0, gt=0, description="a load still running after this long is cut short; vLLM recomputes the rest"
     )
     store_queue_bytes: PositiveBytes = Field(
         default=ByteSize(2 * 10**9),
         description="KV of finished requests waiting to be copied out of vLLM's blocks; beyond it stores are dropped",
+    )
+    quiet_idle_waits: bool = Field(
+        default=True,
+        description="on steps with nothing to compute (requests wait for loads), vLLM's processes wait for each "
+        "other's messages asleep instead of spinning on them",
     )
 
 

@@ -44,17 +44,23 @@ def _open(root: Path, max_bytes: int = 10**7, **kwargs: object) -> DiskBackend:
     return backend
 
 
-def _replace_during_read(monkeypatch: pytest.MonkeyPatch, newer: Path, path: Path) -> Callable[..., object]:
-    """Make the next payload read first move ``newer`` over ``path`` (another writer lands mid-read); returns the
-    real reader."""
-    real = files_module.read_payload
+def _replace_during_read(
+    monkeypatch: pytest.MonkeyPatch, newer: Path, path: Path, mapped: bool = False
+) -> Callable[[], None]:
+    """Make the next read first move ``newer`` over ``path`` (another writer lands mid-read); returns an undo.
 
-    def replace_then_read(f, head, header):
+    The hook is where the file is open and its body being read: ``read_payload`` for reads into new memory,
+    ``decode_payload`` after the mapping is made for mapped reads (``map_reads``).
+    """
+    name = "decode_payload" if mapped else "read_payload"
+    real = getattr(files_module, name)
+
+    def replace_then_read(*args):
         os.replace(newer, path)
-        return real(f, head, header)
+        return real(*args)
 
-    monkeypatch.setattr(files_module, "read_payload", replace_then_read)
-    return real
+    monkeypatch.setattr(files_module, name, replace_then_read)
+    return lambda: monkeypatch.setattr(files_module, name, real)
 
 
 def test_file_removed_before_the_read_is_a_plain_miss(tmp_path: Path, make_chain: MakeChain) -> None:
@@ -68,25 +74,27 @@ def test_file_removed_before_the_read_is_a_plain_miss(tmp_path: Path, make_chain
     assert _file(tmp_path, a).exists()
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
 def test_file_replaced_mid_read_is_read_whole_and_not_counted(
-    tmp_path: Path, make_chain: MakeChain, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_chain: MakeChain, monkeypatch: pytest.MonkeyPatch, mapped: bool
 ) -> None:
     (a,) = make_chain(_tokens(4, 2))
-    disk = _open(tmp_path)
+    disk = _open(tmp_path, map_reads=mapped)
     disk.put([a])
     newer = tmp_path / "newer"
     newer.write_bytes(_file(tmp_path, a).read_bytes())
-    _replace_during_read(monkeypatch, newer, _file(tmp_path, a))
+    _replace_during_read(monkeypatch, newer, _file(tmp_path, a), mapped)
     got = disk.get([a.key])[0]
     assert got is not None and torch.equal(got.payload, a.payload)
     assert disk.stats().corrupt == 0
 
 
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "read"])
 def test_damaged_file_replaced_by_a_valid_one_mid_read_keeps_the_valid_one(
-    tmp_path: Path, make_chain: MakeChain, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_chain: MakeChain, monkeypatch: pytest.MonkeyPatch, mapped: bool
 ) -> None:
     (a,) = make_chain(_tokens(4, 3))
-    disk = _open(tmp_path)
+    disk = _open(tmp_path, map_reads=mapped)
     disk.put([a])
     path = _file(tmp_path, a)
     valid = path.read_bytes()
@@ -95,11 +103,11 @@ def test_damaged_file_replaced_by_a_valid_one_mid_read_keeps_the_valid_one(
     path.write_bytes(bytes(damaged))
     newer = tmp_path / "newer"
     newer.write_bytes(valid)  # a newer, valid write of the same chunk lands while the damaged one is read
-    real = _replace_during_read(monkeypatch, newer, path)
+    undo = _replace_during_read(monkeypatch, newer, path, mapped)
     assert disk.get([a.key]) == [None]  # what was read was damaged: a miss
     assert disk.stats().corrupt == 0  # ...but it is not there any more: nothing to count or delete
     assert path.read_bytes() == valid
-    monkeypatch.setattr(files_module, "read_payload", real)
+    undo()
     got = disk.get([a.key])[0]
     assert got is not None and torch.equal(got.payload, a.payload)
 

@@ -82,6 +82,7 @@ def test_two_processes_writing_one_folder_keep_one_budget(tmp_path: Path, kind: 
     """Two writers, each with budget B, on one folder: it never holds more than B (exact at the end)."""
     root = tmp_path / "tier"
     budget = 30_000  # ~35 chunks of 2-8 tokens x 128 B: both writers evict all the time
+    errs = [tmp_path / f"writer{seed}.err" for seed in (1, 2)]
     procs = [
         subprocess.Popen(
             [
@@ -90,13 +91,16 @@ def test_two_processes_writing_one_folder_keep_one_budget(tmp_path: Path, kind: 
                 _WRITER.format(tests=TESTS, kind=kind, root=str(root), budget=budget, seed=seed, chains=120),
             ],
             stdout=subprocess.PIPE,
+            stderr=err.open("w"),  # a file, not a pipe: a chatty writer never blocks on it
             text=True,
         )
-        for seed in (1, 2)
+        for seed, err in zip((1, 2), errs)
     ]
     try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        for p, err in zip(procs, errs):
+            assert p.stdout is not None
+            line = p.stdout.readline().strip()
+            assert line == "ready", f"writer exited before it was ready: {err.read_text()[-3000:]}"
         peak = samples = 0
         ledger = sqlite3.connect(root / LEDGER_FILE, timeout=30, isolation_level=None)
         while any(p.poll() is None for p in procs):
@@ -111,7 +115,7 @@ def test_two_processes_writing_one_folder_keep_one_budget(tmp_path: Path, kind: 
         for p in procs:
             p.kill()
             p.wait()
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0, 0], (outs, [err.read_text()[-3000:] for err in errs])
     assert all(int(out.split()[1]) > 0 for out in outs)  # both evicted
     # Exact: files appear only after their bytes are reserved, rows go only after their files (a temporary
     # file grows within its reservation, renames change nothing), so under the lock the folder fits the budget.

@@ -140,6 +140,149 @@ def test_an_async_load_fills_the_blocks_while_the_step_goes_on(make_sides):
     assert worker.metrics.load_seconds._sum.get() > 0
 
 
+def test_the_same_prompt_again_hits_all_but_its_last_token(make_sides):
+    """A finished request's prompt ends inside a chunk and its answer follows: the prompt's own partial chunk is
+    stored too, so the same prompt sent again loads 39 of its 40 tokens (vLLM computes the last), not just the
+    full chunk; the request with the answer still hits its own partial chunk."""
+    from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
+
+    scheduler, worker = make_sides()
+    prompt = list(range(600, 640))  # one full 32-token chunk, then 8 prompt tokens
+    tokens = [*prompt, 1, 2, 3, 4, 5]  # and 5 generated ones (the last has no KV yet)
+    kv = torch.randn(2, 2, H, 44, D)
+    kernel_write(worker.paged, worker.layers, kv, [4, 1, 3])
+    a = FakeRequest("a", tokens)
+    a.num_prompt_tokens, a.num_computed_tokens = len(prompt), 44
+    assert scheduler.matched(RequestView(a), 0) == (0, False)
+    scheduler.after_alloc(RequestView(a), [4, 1, 3], 0)
+    scheduler.build_meta(list(scheduled_requests(scheduler_output([("a", 0, [4, 1, 3])], {"a": 40}))))
+    assert scheduler.finished(RequestView(a), [4, 1, 3])
+    (op,) = scheduler.build_meta([]).stores
+    assert (len(op.tokens), op.prompt_tokens) == (44, 40)
+    worker.store(op)
+    assert wait_finished(worker) == ({"a"}, set())
+    assert worker.flush(10)
+    assert worker.stats.stored_chunks == 3  # [0, 32), the prompt's [32, 40) and the answer's [32, 44)
+
+    again = FakeRequest("b", prompt)
+    assert scheduler.matched(RequestView(again), 0) == (39, True)
+    scheduler.after_alloc(RequestView(again), [2, 5, 0], 39)
+    (load,) = scheduler.build_meta([]).loads
+    assert (len(load.tokens), load.start, load.end) == (40, 0, 39)  # the chunk's key needs all 40 tokens
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert worker.take_load_errors() == set()
+    assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 39), kv[:, :, :, :39])
+    assert not torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 39, 40), kv[:, :, :, 39:40])  # not written
+
+    follow_up = FakeRequest("c", [*tokens[:44], 9, 9])  # the chat goes on: the answer's chunk serves 44 tokens
+    assert scheduler.matched(RequestView(follow_up), 0) == (44, True)
+
+
+def test_blocks_are_released_once_copied_and_reusing_them_does_not_touch_the_store(make_sides):
+    """The store thread reports the request (vLLM frees its blocks) as soon as it has copied them, before the
+    chunks are built and written: vLLM writing other KV into those blocks right then changes nothing stored."""
+    from kvtier.adapters.vllm.compat import RequestView
+    from kvtier.adapters.vllm.metadata import StoreOp
+
+    scheduler, worker = make_sides()
+    tokens = list(range(700, 790))  # two full chunks and a 26-token tail: 6 blocks of 16
+    kv = torch.randn(2, 2, H, 90, D)
+    blocks = [4, 1, 3, 6, 2, 7]
+    kernel_write(worker.paged, worker.layers, kv, blocks)
+    release = threading.Event()
+    real_put = worker.base.tiers.put_chunks
+
+    def put_after_reuse(chunks):  # the tiers are written only after the blocks were handed back and reused
+        assert release.wait(10)
+        return real_put(chunks)
+
+    worker.base.tiers.put_chunks = put_after_reuse
+    worker.store(StoreOp("a", tokens, blocks, None, True, len(tokens)))
+    assert wait_finished(worker) == ({"a"}, set())  # released while the tier write waits
+    for layer in worker.layers:
+        layer.fill_(-1.0)  # vLLM reuses the blocks for another request
+    release.set()
+    assert worker.flush(10)
+    worker.base.tiers.put_chunks = real_put
+    b = FakeRequest("b", [*tokens, 5])
+    assert scheduler.matched(RequestView(b), 0) == (90, True)
+    scheduler.after_alloc(RequestView(b), [5, 0, 1, 2, 3, 4], 90)
+    worker.start_loads(scheduler.build_meta([]).loads)
+    assert wait_finished(worker) == (set(), {"b"})
+    assert torch.equal(worker.paged.read(worker.layers, [5, 0, 1, 2, 3, 4], 0, 90), kv)
+
+
+def _stored_then_cleared(scheduler, worker, tokens, kv, blocks):
+    """Store ``tokens`` from ``blocks``, zero the blocks, and return the LoadOp that brings them back."""
+    from kvtier.adapters.vllm.compat import RequestView
+
+    store_request(scheduler, worker, "a", tokens, kv, blocks)
+    for layer in worker.layers:
+        layer.zero_()
+    b = FakeRequest("b", [*tokens, 7])
+    assert scheduler.matched(RequestView(b), 0) == (len(tokens), True)
+    scheduler.after_alloc(RequestView(b), blocks, len(tokens))
+    (load,) = scheduler.build_meta([]).loads
+    return load
+
+
+def test_a_load_runs_its_chunk_aligned_parts_at_once(make_sides):
+    """load_parts = 3 over four chunks: three retrieves of whole chunks, all in flight together, fill every block."""
+    scheduler, worker = make_sides(**{"vllm.load_parts": 3, "vllm.load_threads": 3})
+    tokens = list(range(2000, 2128))  # four 32-token chunks, blocks of 16
+    kv = torch.randn(2, 2, H, 128, D)
+    load = _stored_then_cleared(scheduler, worker, tokens, kv, list(range(8)))
+    engine = worker.engines.get(None)
+    real_retrieve = engine.retrieve
+    together = threading.Barrier(3, timeout=5)  # a part that ran alone would break it: its load would fail
+    ranges = []
+
+    def parallel_retrieve(*args, start, max_tokens, **kwargs):
+        ranges.append((start, max_tokens))
+        together.wait()
+        return real_retrieve(*args, start=start, max_tokens=max_tokens, **kwargs)
+
+    engine.retrieve = parallel_retrieve
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert sorted(ranges) == [(0, 32), (32, 64), (64, 128)]
+    assert worker.take_load_errors() == set()
+    assert worker.stats.loaded_tokens == 128 and worker.stats.failed_loads == 0
+    assert torch.equal(worker.paged.read(worker.layers, list(range(8)), 0, 128), kv)
+
+
+def test_a_failed_first_part_fails_the_whole_load_whatever_the_later_parts_wrote(make_sides):
+    """The blocks hold only a gap-free prefix: [0, 64) failed, so [64, 128), though written, is reported too."""
+    scheduler, worker = make_sides(**{"vllm.load_parts": 2})
+    tokens = list(range(3000, 3128))
+    kv = torch.randn(2, 2, H, 128, D)
+    load = _stored_then_cleared(scheduler, worker, tokens, kv, list(range(8)))
+    engine = worker.engines.get(None)
+    real_retrieve = engine.retrieve
+
+    def first_part_fails(*args, start, **kwargs):
+        if start == 0:
+            raise OSError("tier read failed")
+        return real_retrieve(*args, start=start, **kwargs)
+
+    engine.retrieve = first_part_fails
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert worker.take_load_errors() == set(range(8))
+    assert worker.stats.loaded_tokens == 0 and worker.stats.failed_loads == 1
+    assert torch.equal(worker.paged.read(worker.layers, list(range(8)), 64, 128), kv[:, :, :, 64:])  # written, unused
+
+
+def test_loads_split_into_whole_chunks(make_sides):
+    _, worker = make_sides(**{"vllm.load_parts": 2})
+    assert worker._split(0, 128) == [(0, 64), (64, 128)]
+    assert worker._split(16, 100) == [(16, 64), (64, 100)]  # vLLM held [0, 16); the last chunk is partial
+    assert worker._split(0, 20) == [(0, 20)]  # one chunk: one part
+    _, worker = make_sides(**{"vllm.load_parts": 4})
+    assert worker._split(32, 128) == [(32, 64), (64, 96), (96, 128)]  # no more parts than chunks
+
+
 def test_sync_loads_run_before_the_forward(make_sides):
     from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
 
@@ -272,3 +415,49 @@ def test_an_idle_step_waits_for_a_load_in_flight_instead_of_spinning(make_sides)
             break
     assert reported == {"b"}
     assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 40), kv)
+
+
+def test_quiet_waits_put_a_vllm_queue_reader_to_sleep_until_the_writer_notifies():
+    """vLLM's reader spins (returns at once) after a recent read; quiet, the same wait sleeps until notified."""
+    import zmq
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
+
+    from kvtier.adapters.vllm import compat
+
+    assert compat.install_quiet_waits() and compat.install_quiet_waits()  # idempotent
+    context = zmq.Context()
+    address = get_open_zmq_ipc_path()
+    writer = SpinCondition(is_reader=False, context=context, notify_address=address)
+    reader = SpinCondition(is_reader=True, context=context, notify_address=address)
+    try:
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=300)
+        assert time.perf_counter() - t0 < 0.1  # vLLM's busy loop: a sched_yield, then back to the shm check
+        compat.quiet_waits(True)
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=300)
+        assert time.perf_counter() - t0 >= 0.25  # asleep on the notify socket, nothing came
+        stop = threading.Event()
+
+        def notify() -> None:
+            while not stop.wait(0.02):
+                writer.notify()
+
+        pinger = threading.Thread(target=notify)
+        pinger.start()
+        reader.record_read()
+        t0 = time.perf_counter()
+        reader.wait(timeout_ms=5000)
+        assert time.perf_counter() - t0 < 2  # the writer's notify wakes it
+        stop.set()
+        pinger.join()
+    finally:
+        compat.quiet_waits(False)
+        for sock in (writer.local_notify_socket, reader.local_notify_socket):
+            sock.close(linger=0)
+        reader.write_cancel_socket.close(linger=0)
+        reader.read_cancel_socket.close(linger=0)
+        context.term()

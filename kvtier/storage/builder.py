@@ -122,6 +122,7 @@ def build_backends(
                 name="node",
                 read_only=access.read_only,
                 policy=policy,
+                eviction=config.node.policy,
             )
         )
     if config.l2.enabled:
@@ -137,6 +138,7 @@ def build_backends(
                 policy=policy,
                 eviction=config.l2.policy,
                 access=_folder_access(config.l2.shared_group),
+                map_reads=config.l2.map_reads,
             )
         )
     if config.l3.enabled:

@@ -52,6 +52,7 @@ from kvtier.storage.files import (
     FolderAccess,
     chunk_path,
     drop_page_cache,
+    map_chunk,
     parse_name,
     read_chunk,
     read_header,
@@ -89,6 +90,7 @@ class DiskBackend:
         policy: ChunkPolicy | None = None,
         access: FolderAccess | None = None,
         eviction: str = DEFAULT_POLICY,
+        map_reads: bool = True,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -120,6 +122,10 @@ class DiskBackend:
         # files of one get() are read and decoded in parallel: file reads and the codecs' kernels release the GIL
         self.read_threads = read_threads or min(4, os.cpu_count() or 1)
         self._readers: ThreadPoolExecutor | None = None
+        # a file's body is checked and decoded where the page cache holds it (files.map_chunk), not copied
+        # into fresh memory: in a fresh process that copy was the load's largest cost (page faults). Safe
+        # because kvtier never rewrites a chunk file in place (tmp file + rename; eviction unlinks).
+        self.map_reads = map_reads
         # the folder's one budget, shared by its writers
         self._ledger = None if read_only else Ledger(self.root, file_mode=self.access.file_mode)
 
@@ -280,7 +286,8 @@ class DiskBackend:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return read_chunk(f, st.st_size, key, self.policy)
+                read = map_chunk if self.map_reads else read_chunk
+                return read(f, st.st_size, key, self.policy)
         except FileNotFoundError:
             self._vanished(key, path)
         except (ChunkFormatError, OSError) as exc:

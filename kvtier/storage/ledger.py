@@ -230,7 +230,8 @@ class Ledger:
 
     def present(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Which keys have a complete file (reservations do not count). No change to anything."""
-        return [k in self.parents(keys) for k in keys]
+        found = self.parents(keys)  # one query per batch of keys (not per key: a lookup asks up to 255 at once)
+        return [k in found for k in keys]
 
     def parents(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, ChunkKey | None]:
         """The parent of each key that has a complete file (absent keys are left out)."""
@@ -401,7 +402,9 @@ class Ledger:
             self._reclaim(db)
             known = {ChunkKey(k): w for k, w in db.execute("SELECT key, writer FROM chunks")}
             for key, (mtime, parent, size) in seen.items():
-                if key not in known:
+                # the scan ran before this transaction: a file another writer evicted since then (its unlink
+                # and row deletion happen under this lock) must not come back as a row without a file
+                if key not in known and chunk_path(self.root, key, parent).exists():
                     db.execute(
                         "INSERT INTO chunks (key, parent, size, used) VALUES (?, ?, ?, ?)",
                         (key.digest, parent.digest if parent is not None else None, size, mtime),

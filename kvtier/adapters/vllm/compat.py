@@ -12,7 +12,10 @@ version changes this file only. What is here:
 * the cache-write kernel binding (:func:`cache_writer`: the private
   ``_get_attn_isa`` and ``_custom_ops.cpu_attn_reshape_and_cache``);
 * vLLM's logging set-up: the env variables it reads and its default
-  logging dict-config (:func:`logging_config`), used by ``kvtier serve``.
+  logging dict-config (:func:`logging_config`), used by ``kvtier serve``;
+* quiet waits on vLLM's shared-memory message queues during idle steps
+  (:func:`install_quiet_waits`, :func:`quiet_waits`: a wrapper around the
+  private ``shm_broadcast.SpinCondition.wait``).
 
 vLLM is imported inside the functions, never at module level, so importing
 this module is cheap (``kvtier serve`` does it before vLLM starts).
@@ -273,3 +276,55 @@ def logging_config(kvtier_level: str) -> dict[str, Any]:
     config["handlers"]["kvtier"] = handler
     config["loggers"]["kvtier"] = {"handlers": ["kvtier"], "level": kvtier_level, "propagate": False}
     return config
+
+
+# -- quiet waits on vLLM's message queues ---------------------------------------------------------------------
+
+_quiet = False  # this process's next shared-memory-queue waits go straight to vLLM's idle (sleeping) wait
+_installed: bool | None = None  # None: not tried yet
+
+
+def install_quiet_waits() -> bool:
+    """Let :func:`quiet_waits` put this process's vLLM message-queue reads to sleep; False if this vLLM lacks the hook.
+
+    vLLM's engine core and its worker process pass each step over shared
+    memory (``shm_broadcast.MessageQueue``); a reader that read a message in
+    the last second (``SpinCondition.busy_loop_s``, 1 s, no setting or env
+    variable changes it in vLLM 0.32) spins on ``sched_yield`` instead of
+    sleeping on the queue's notify socket. While every request waits for its
+    kvtier load, vLLM runs empty steps back to back, and the engine core spent
+    one whole core spinning on the worker's reply: on a two-core machine, half
+    of what the load threads could use. The wrapper only marks the queue as
+    idle for that wait (``last_read`` far in the past), so vLLM's own idle
+    path runs: a zmq poll that the writer's notify (sent with every message)
+    wakes. Idempotent.
+    """
+    global _installed
+    if _installed is not None:
+        return _installed
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+
+        cond = shm_broadcast.SpinCondition
+        original = cond.wait
+        if not hasattr(cond, "record_read"):  # what resets last_read after each read
+            raise AttributeError("SpinCondition.record_read")
+    except (ImportError, AttributeError):
+        _installed = False
+        return False
+
+    def wait(self: Any, timeout_ms: int | None = None) -> None:
+        if _quiet and getattr(self, "is_reader", False) and getattr(self, "poller", None) is not None:
+            self.last_read = float("-inf")  # idle: poll the notify socket (record_read resets it after the read)
+        return original(self, timeout_ms)
+
+    wait.__wrapped__ = original  # type: ignore[attr-defined]
+    cond.wait = wait
+    _installed = True
+    return True
+
+
+def quiet_waits(on: bool) -> None:
+    """Whether this process's next message-queue waits sleep (see :func:`install_quiet_waits`) or spin (vLLM's way)."""
+    global _quiet
+    _quiet = on

@@ -79,6 +79,9 @@ class KvtierConnector(KVConnectorBase_V1):
         log.info("kvtier connector (%s): KV-cache groups %s", role.name.lower(), describe_groups(groups))
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._quiet = settings.config.vllm.quiet_idle_waits and compat.install_quiet_waits()
+        if settings.config.vllm.quiet_idle_waits and not self._quiet:
+            log.warning("kvtier connector: this vLLM has no hook for quiet idle waits; its idle steps spin")
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(settings)
         else:
@@ -101,9 +104,10 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
-        return self._scheduler.build_meta(
-            list(compat.scheduled_requests(scheduler_output)), idle=compat.scheduled_tokens(scheduler_output) == 0
-        )
+        idle = compat.scheduled_tokens(scheduler_output) == 0
+        if self._quiet:  # this step computes nothing: wait for the worker's reply asleep
+            compat.quiet_waits(idle)
+        return self._scheduler.build_meta(list(compat.scheduled_requests(scheduler_output)), idle=idle)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
@@ -138,7 +142,10 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        stored, loaded = self._worker.take_finished(idle=self._step().idle)
+        idle = self._step().idle
+        stored, loaded = self._worker.take_finished(idle=idle)
+        if self._quiet:  # after an idle step the next one comes only after the engine core's own wait
+            compat.quiet_waits(idle)
         return stored or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
