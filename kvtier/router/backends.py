@@ -10,6 +10,7 @@ prefills first come, first served, so a request's wait is about the prefill queu
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,23 @@ from kvtier.config import RouterInstance
 from kvtier.storage.events import EventSubscriber
 
 log = logging.getLogger("kvtier.router")
+
+
+def _pack(tokens: tuple[int, ...]) -> bytes:
+    """Token ids as little-endian 4-byte words (ids >= 2**32 are folded: a hint, never a correctness input)."""
+    return struct.pack(f"<{len(tokens)}I", *(t & 0xFFFFFFFF for t in tokens))
+
+
+def _common_tokens(a: bytes, b: bytes) -> int:
+    """Leading tokens two packed sequences share: a binary search over slice equality (memcmp)."""
+    lo, hi = 0, min(len(a), len(b)) // 4
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[: 4 * mid] == b[: 4 * mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass
@@ -41,7 +59,8 @@ class Backend:
     rate_tokens: float = 0.0
     rate_seconds: float = 0.0
     # prompts it was sent, still in flight or finished within the hint's life: (salt, tokens, expiry or None)
-    sent: dict[int, tuple[str | None, tuple[int, ...], float | None]] = field(default_factory=dict)
+    # (tokens packed 4 bytes each: compact, and compared by memcmp)
+    sent: dict[int, tuple[str | None, bytes, float | None]] = field(default_factory=dict)
     _serial: int = 0
 
     @property
@@ -74,7 +93,7 @@ class Backend:
             self.busy_since = self.clock()
         self.pending[self._serial] = max(0, prefill_tokens)
         if tokens and max_sent > 0:
-            self.sent[self._serial] = (salt, tokens, None)
+            self.sent[self._serial] = (salt, _pack(tokens), None)
             while len(self.sent) > max_sent:
                 del self.sent[next(iter(self.sent))]
         return self._serial
@@ -88,15 +107,13 @@ class Backend:
         now = self.clock()
         for h in [h for h, (_, _, exp) in self.sent.items() if exp is not None and exp <= now]:
             del self.sent[h]
+        if not tokens:
+            return 0
+        key = _pack(tokens)
         best = 0
         for s, toks, _ in self.sent.values():
-            if s != salt or not toks or toks[0] != (tokens[0] if tokens else None):
-                continue
-            n = min(len(toks), len(tokens))
-            i = 0
-            while i < n and toks[i] == tokens[i]:
-                i += 1
-            best = max(best, i)
+            if s == salt and toks[:4] == key[:4]:
+                best = max(best, _common_tokens(toks, key))
         return best // max(1, block) * max(1, block)
 
     def first_token(self, handle: int, learn: bool) -> None:
