@@ -268,10 +268,10 @@ class CacheEngine:
         return tuple(s.key for s in chunk_spans(self.namespace, _tokens(tokens), self.chunk_size))
 
     def pin(self, tokens: Tokens) -> PinResult:
-        """Keep the full chunks of ``tokens`` (a system prompt, few-shot block) in ``l1`` and ``l2``.
+        """Keep the full chunks of ``tokens`` (a system prompt, few-shot block) in ``l1``, ``node`` and ``l2``.
 
         A pinned chunk, held now or stored later, and its ancestors are never
-        evicted from those tiers (the node tier and Redis evict on their own).
+        evicted from those tiers (Redis evicts on its own).
         Only whole chunks are pinned: a trailing partial chunk is reused by
         no longer prompt. Pinning a prefix again is a no-op. Raises
         :class:`~kvtier.errors.PinLimitError` when this engine's tenant would
