@@ -69,6 +69,15 @@ class LookupResult:
         """A short human description, e.g. ``"l1:2048+l2:1024"`` or ``"none"``."""
         return "+".join(f"{t}:{n}" for t, n in self.tier_tokens.items() if n) or "none"
 
+    @property
+    def chunk_end(self) -> int:
+        """Where the located chunks end: ``num_tokens``, or more when ``max_tokens`` cut the last chunk short.
+
+        A retrieve must be given the tokens up to here (with ``max_tokens=num_tokens``) to find that last chunk:
+        a partial chunk's key covers all of its tokens.
+        """
+        return max(self.num_tokens, self._plan[-1][0].end) if self._plan else self.num_tokens
+
 
 @dataclass(frozen=True)
 class RetrieveResult:
@@ -259,10 +268,10 @@ class CacheEngine:
         return tuple(s.key for s in chunk_spans(self.namespace, _tokens(tokens), self.chunk_size))
 
     def pin(self, tokens: Tokens) -> PinResult:
-        """Keep the full chunks of ``tokens`` (a system prompt, few-shot block) in ``l1`` and ``l2``.
+        """Keep the full chunks of ``tokens`` (a system prompt, few-shot block) in ``l1``, ``node`` and ``l2``.
 
         A pinned chunk, held now or stored later, and its ancestors are never
-        evicted from those tiers (the node tier and Redis evict on their own).
+        evicted from those tiers (Redis evicts on its own).
         Only whole chunks are pinned: a trailing partial chunk is reused by
         no longer prompt. Pinning a prefix again is a no-op. Raises
         :class:`~kvtier.errors.PinLimitError` when this engine's tenant would

@@ -149,6 +149,21 @@ def test_sync_adopts_unknown_files_drops_rows_of_missing_ones_and_trims_to_budge
     assert np.array_equal(ledger.present([_key(1)]), [False])
 
 
+def test_present_asks_once_per_batch_of_keys_not_once_per_key(tmp_path: Path) -> None:
+    """A lookup asks about up to 255 partial-chunk candidates at once, on vLLM's scheduler loop: one query."""
+    ledger = _ledger(tmp_path / "f")
+    assert _store(ledger, _key(7), None, 100, 10_000) == []
+    reader = Ledger(ledger.root, read_only=True)
+    assert reader.open()
+    db = reader._connect()
+    assert db is not None
+    queries: list[str] = []
+    db.set_trace_callback(queries.append)
+    keys = [_key(i) for i in range(255)]
+    assert reader.present(keys) == [i == 7 for i in range(255)]
+    assert len([q for q in queries if q.lstrip().upper().startswith("SELECT")]) == 1
+
+
 def test_sync_does_not_adopt_a_file_removed_between_the_scan_and_its_transaction(tmp_path: Path) -> None:
     """A writer's start scans the folder first; another writer may evict a scanned file before the sync's lock."""
     root = tmp_path / "f"

@@ -223,6 +223,60 @@ def test_budget_leaves_and_pins(name: str, work: tuple, budget: int) -> None:
             assert policy.used_bytes - sum(sizes[v] for v in plan) + 2 <= budget
 
 
+def _state(policy):  # type: ignore[no-untyped-def]
+    """Everything a policy's later decisions depend on (its order, sizes, pins, ARC's target and ghosts)."""
+    extra = (getattr(policy, "p", None), list(getattr(policy, "_b1", {}).items()), list(getattr(policy, "_b2", {}).items()))
+    return list(policy), policy.used_bytes, policy.evictable(), dict(policy._children), extra
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_insert_equals_the_protocol_calls(name: str, seed: int) -> None:
+    """BudgetIndex's fused insert_evict gives the same victims and leaves the same state as add, plan_eviction
+    and remove called one by one (random trees with hits, pins, deletions, short chunks, several victims per
+    insert, long enough to compact the heaps)."""
+    import random
+
+    rng = random.Random(seed)
+    budget = rng.choice([8, 40, 300])
+    fused = make_policy(name, clock=lambda: 0.0)
+    calls = make_policy(name, clock=lambda: 0.0)
+    parents: dict[int, int | None] = {}
+    leaves: list[int] = []
+    for step in range(6000):
+        op = rng.random()
+        if op < 0.7:
+            k = len(parents)
+            parent = rng.choice(leaves) if leaves and rng.random() < 0.7 else None
+            parents[k] = parent
+            leaves.append(k)
+            nbytes, tokens = rng.choice([(1, 512), (1, 512), (1, 40), (2, 512), (0, 0)])
+            if k in fused:
+                continue
+            a = fused.insert_evict(k, parent, nbytes, budget, tokens=tokens)
+            b = calls._insert_evict_calls(k, parent, nbytes, budget, tokens, None)
+            assert a == b, f"{name} step {step}"
+            assert fused.used_bytes <= budget
+        elif op < 0.85 and leaves:
+            k = rng.choice(leaves)
+            path = [k]
+            while parents[path[-1]] is not None:
+                path.append(parents[path[-1]])  # type: ignore[arg-type]
+            for p in (fused, calls):
+                p.touch(path[::-1])
+        elif op < 0.9 and parents:
+            k = rng.randrange(len(parents))
+            pin = rng.random() < 0.5
+            for p in (fused, calls):
+                p.pin(k) if pin else p.unpin(k)
+        elif parents:
+            k = rng.randrange(len(parents))
+            assert fused.remove(k) == calls.remove(k)
+        if step % 500 == 0:
+            assert _state(fused) == _state(calls)
+    assert _state(fused) == _state(calls)
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_pinned_chain_survives_pressure(name: str) -> None:
     index = BudgetIndex(6, make_policy(name))
@@ -392,3 +446,83 @@ def test_disk_tier_pins_and_preferred_victims(tmp_path, namespace, policy: str, 
         assert disk.contains([c.key for c in chains[0]]) == [False, False]
     finally:
         disk.close()
+
+
+@pytest.mark.parametrize(("policy", "goes"), [("adaptive", 2), ("lru", 1)])
+def test_node_tier_policy_and_pins(tmp_path, namespace, policy: str, goes: int) -> None:  # type: ignore[no-untyped-def]
+    """The node tier: this process's node.policy picks the ledger's victims (adaptive: the never-hit chain goes
+    although it is the newer; lru: the older one), a pinned chain stays under pressure, and a restarted writer
+    takes up the folder's chunks in its view."""
+    from kvtier.chunk import encode
+    from kvtier.storage import NodeBackend
+    from tests.conftest import build_chain
+
+    chains = [build_chain(namespace, _tok(32, 50 + i), 16, seed=i) for i in range(12)]
+    size = len(encode(chains[0][0]))
+    node = NodeBackend(tmp_path / "node", 6 * size, eviction=policy)
+    node.start()
+    try:
+        node.pin([c.key for c in chains[0]])
+        assert node.put(chains[0]) == [True, True]
+        assert node.put(chains[1]) == [True, True]
+        node.get([c.key for c in chains[1]])  # chain 1 is hit, then chain 2 stored (never hit)
+        assert node.put(chains[2]) == [True, True]
+        assert node.put(chains[3]) == [True, True]
+        assert node.contains([c.key for c in chains[goes]]) == [False, False]
+        assert node.contains([c.key for c in chains[3 - goes]]) == [True, True]
+        for chain in chains[4:]:
+            node.put(chain)
+            assert node.contains([c.key for c in chains[0]]) == [True, True]
+        assert node.stats().used_bytes <= 6 * size
+        node.unpin([c.key for c in chains[0]])
+        for chain in chains[4:8]:
+            node.put(chain)
+        assert node.contains([c.key for c in chains[0]]) == [False, False]
+        held = [k for k, _, _ in node.ledger.entries()]
+    finally:
+        node.close()
+    again = NodeBackend(tmp_path / "node", 6 * size, eviction=policy)
+    again.start()
+    try:
+        assert sorted(again._view, key=held.index) == held and again._view.used_bytes == again.stats().used_bytes
+    finally:
+        again.close()
+
+
+def test_node_policy_from_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvtier.config import load_config
+    from kvtier.storage import build_backends
+
+    overrides = {"node.enabled": "true", "node.path": str(tmp_path / "n"), "node.max_bytes": "1MB"}
+    for value in ("lru", "s3fifo"):
+        cfg = load_config(env={}, overrides={**overrides, "l2.enabled": "false", "node.policy": value})
+        (node,) = (b for b in build_backends(cfg) if b.name == "node")
+        assert node.eviction == value and node._view.name == value
+    assert load_config(env={}, overrides=overrides).node.policy == "adaptive"
+
+
+def test_node_tier_pins_hold_against_chunks_the_view_does_not_know(tmp_path, namespace) -> None:  # type: ignore[no-untyped-def]
+    """Chunks another writer stored are not in this process's view, so its plan is empty and the ledger evicts
+    in its own order: the pins it is passed still keep the pinned chain (the least recently used one)."""
+    from kvtier.chunk import encode
+    from kvtier.storage import NodeBackend
+    from tests.conftest import build_chain
+
+    chains = [build_chain(namespace, _tok(32, 80 + i), 16, seed=i) for i in range(8)]
+    size = len(encode(chains[0][0]))
+    mine = NodeBackend(tmp_path / "node", 6 * size)
+    other = NodeBackend(tmp_path / "node", 6 * size)
+    mine.start()
+    other.start()
+    try:
+        mine.pin([c.key for c in chains[0]])
+        assert mine.put(chains[0]) == [True, True]
+        for chain in chains[1:3]:
+            assert other.put(chain) == [True, True]  # the folder is full now
+        for chain in chains[3:8]:
+            assert mine.put(chain) == [True, True]
+            assert mine.contains([c.key for c in chains[0]]) == [True, True]
+        assert mine.stats().used_bytes <= 6 * size
+    finally:
+        mine.close()
+        other.close()

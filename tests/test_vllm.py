@@ -127,16 +127,18 @@ def test_storing_does_not_change_output(runs):
 
 def test_fresh_process_loads_from_kvtier_with_identical_output(runs):
     base, loaded = runs["base"], runs["loaded"]
-    assert loaded[0]["num_cached_tokens"] == 512  # two 256-token chunks; nothing in vLLM's own cache yet
+    # two 256-token chunks and the prompt's own 88-token partial chunk, all but the last token (vLLM computes it);
+    # nothing in vLLM's own cache yet
+    assert loaded[0]["num_cached_tokens"] == 599
     assert loaded[0]["text"] == base[0]["text"]
     assert loaded[0]["token_ids"] == base[0]["token_ids"]
-    assert "loaded 512 tokens [0, 512) from kvtier" in runs["load_log"]
+    assert "loaded 599 tokens [0, 599) from kvtier" in runs["load_log"]
 
 
 def test_corrupt_chunk_is_recomputed_with_identical_output(runs):
     base, loaded = runs["base"], runs["loaded"]
     assert loaded[1]["token_ids"] == base[1]["token_ids"]
-    assert "kvtier loaded 256 of 512 promised tokens; 2 blocks will be recomputed" in runs["load_log"]
+    assert "kvtier loaded 256 of 699 promised tokens; 4 blocks will be recomputed" in runs["load_log"]
     assert "checksum" in runs["load_log"]  # the disk tier says why it dropped the chunk
 
 
@@ -144,7 +146,7 @@ def test_cache_salt_isolates_tenants(runs):
     base, loaded = runs["base"], runs["loaded"]
     other, same = loaded[2], loaded[3]
     assert other["num_cached_tokens"] == 0  # tenant-b never stored anything, and vLLM's own cache is salted too
-    assert same["num_cached_tokens"] == 512  # tenant-a's chunks from the first process
+    assert same["num_cached_tokens"] == 599  # tenant-a's chunks from the first process
     assert other["token_ids"] == same["token_ids"] == base[0]["token_ids"]
 
 
@@ -170,6 +172,7 @@ def test_loads_past_their_deadline_are_recomputed_with_identical_output(runs):
         assert recomputed == (got < int(n))
         assert got == int(n) or req_id in late_ids  # only a late load comes back short here
 
+
 def test_a_decode_keeps_stepping_while_another_request_loads(runs):
     """The hit waits for its kvtier load in vLLM's WAITING_FOR_REMOTE_KVS while the decode gets tokens."""
     base, overlap = runs["base"], runs["overlap"]
@@ -183,7 +186,7 @@ def test_a_decode_keeps_stepping_while_another_request_loads(runs):
     assert all(s["hit_tokens"] == 0 for s in steps[: last + 1])
     decode, hit = overlap["outputs"]
     assert decode["token_ids"] == base[2]["token_ids"]
-    assert hit["token_ids"] == base[0]["token_ids"] and hit["num_cached_tokens"] == 512
+    assert hit["token_ids"] == base[0]["token_ids"] and hit["num_cached_tokens"] == 599
 
 
 # -- kvtier serve: vLLM's OpenAI server with the connector, over HTTP ------------------------------------------
@@ -331,8 +334,8 @@ def node_runs(model_dir: Path, prompts: dict[str, list[int]], tmp_path_factory: 
 
 def test_after_a_vllm_restart_the_hit_comes_from_the_node_tier(node_runs):
     first, second = node_runs["first"], node_runs["second"]
-    assert second[0]["num_cached_tokens"] == 512
-    assert "loaded 512 tokens [0, 512) from kvtier (node:512)" in node_runs["second_log"]  # memory, not disk
+    assert second[0]["num_cached_tokens"] == 599
+    assert "loaded 599 tokens [0, 599) from kvtier (node:599)" in node_runs["second_log"]  # memory, not disk
     assert second[0]["token_ids"] == first[0]["token_ids"]
 
 

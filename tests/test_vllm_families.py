@@ -65,6 +65,7 @@ def test_tiny_family_hit_through_vllm_equals_vllm_alone(family: str, tmp_path: P
     )
     assert [r["token_ids"] for r in runs] == [o["token_ids"] for o in base] * 2
     assert runs[0]["num_cached_tokens"] == 0
-    assert runs[2]["num_cached_tokens"] == 512  # two 256-token chunks, from kvtier (vLLM's prefix cache is off)
-    assert "loaded 512 tokens [0, 512) from kvtier" in log
+    # two 256-token chunks and the prompt's partial chunk, all but its last token, from kvtier (no vLLM prefix cache)
+    assert runs[2]["num_cached_tokens"] == 599
+    assert "loaded 599 tokens [0, 599) from kvtier" in log
     assert f"KV-cache groups FullAttentionSpec x{layers}" in log  # vLLM's groups were checked: one full-attention

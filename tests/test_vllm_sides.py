@@ -140,6 +140,79 @@ def test_an_async_load_fills_the_blocks_while_the_step_goes_on(make_sides):
     assert worker.metrics.load_seconds._sum.get() > 0
 
 
+def test_the_same_prompt_again_hits_all_but_its_last_token(make_sides):
+    """A finished request's prompt ends inside a chunk and its answer follows: the prompt's own partial chunk is
+    stored too, so the same prompt sent again loads 39 of its 40 tokens (vLLM computes the last), not just the
+    full chunk; the request with the answer still hits its own partial chunk."""
+    from kvtier.adapters.vllm.compat import RequestView, scheduled_requests
+
+    scheduler, worker = make_sides()
+    prompt = list(range(600, 640))  # one full 32-token chunk, then 8 prompt tokens
+    tokens = [*prompt, 1, 2, 3, 4, 5]  # and 5 generated ones (the last has no KV yet)
+    kv = torch.randn(2, 2, H, 44, D)
+    kernel_write(worker.paged, worker.layers, kv, [4, 1, 3])
+    a = FakeRequest("a", tokens)
+    a.num_prompt_tokens, a.num_computed_tokens = len(prompt), 44
+    assert scheduler.matched(RequestView(a), 0) == (0, False)
+    scheduler.after_alloc(RequestView(a), [4, 1, 3], 0)
+    scheduler.build_meta(list(scheduled_requests(scheduler_output([("a", 0, [4, 1, 3])], {"a": 40}))))
+    assert scheduler.finished(RequestView(a), [4, 1, 3])
+    (op,) = scheduler.build_meta([]).stores
+    assert (len(op.tokens), op.prompt_tokens) == (44, 40)
+    worker.store(op)
+    assert wait_finished(worker) == ({"a"}, set())
+    assert worker.flush(10)
+    assert worker.stats.stored_chunks == 3  # [0, 32), the prompt's [32, 40) and the answer's [32, 44)
+
+    again = FakeRequest("b", prompt)
+    assert scheduler.matched(RequestView(again), 0) == (39, True)
+    scheduler.after_alloc(RequestView(again), [2, 5, 0], 39)
+    (load,) = scheduler.build_meta([]).loads
+    assert (len(load.tokens), load.start, load.end) == (40, 0, 39)  # the chunk's key needs all 40 tokens
+    worker.start_loads([load])
+    assert wait_finished(worker) == (set(), {"b"})
+    assert worker.take_load_errors() == set()
+    assert torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 0, 39), kv[:, :, :, :39])
+    assert not torch.equal(worker.paged.read(worker.layers, [2, 5, 0], 39, 40), kv[:, :, :, 39:40])  # not written
+
+    follow_up = FakeRequest("c", [*tokens[:44], 9, 9])  # the chat goes on: the answer's chunk serves 44 tokens
+    assert scheduler.matched(RequestView(follow_up), 0) == (44, True)
+
+
+def test_blocks_are_released_once_copied_and_reusing_them_does_not_touch_the_store(make_sides):
+    """The store thread reports the request (vLLM frees its blocks) as soon as it has copied them, before the
+    chunks are built and written: vLLM writing other KV into those blocks right then changes nothing stored."""
+    from kvtier.adapters.vllm.compat import RequestView
+    from kvtier.adapters.vllm.metadata import StoreOp
+
+    scheduler, worker = make_sides()
+    tokens = list(range(700, 790))  # two full chunks and a 26-token tail: 6 blocks of 16
+    kv = torch.randn(2, 2, H, 90, D)
+    blocks = [4, 1, 3, 6, 2, 7]
+    kernel_write(worker.paged, worker.layers, kv, blocks)
+    release = threading.Event()
+    real_put = worker.base.tiers.put_chunks
+
+    def put_after_reuse(chunks):  # the tiers are written only after the blocks were handed back and reused
+        assert release.wait(10)
+        return real_put(chunks)
+
+    worker.base.tiers.put_chunks = put_after_reuse
+    worker.store(StoreOp("a", tokens, blocks, None, True, len(tokens)))
+    assert wait_finished(worker) == ({"a"}, set())  # released while the tier write waits
+    for layer in worker.layers:
+        layer.fill_(-1.0)  # vLLM reuses the blocks for another request
+    release.set()
+    assert worker.flush(10)
+    worker.base.tiers.put_chunks = real_put
+    b = FakeRequest("b", [*tokens, 5])
+    assert scheduler.matched(RequestView(b), 0) == (90, True)
+    scheduler.after_alloc(RequestView(b), [5, 0, 1, 2, 3, 4], 90)
+    worker.start_loads(scheduler.build_meta([]).loads)
+    assert wait_finished(worker) == (set(), {"b"})
+    assert torch.equal(worker.paged.read(worker.layers, [5, 0, 1, 2, 3, 4], 0, 90), kv)
+
+
 def _stored_then_cleared(scheduler, worker, tokens, kv, blocks):
     """Store ``tokens`` from ``blocks``, zero the blocks, and return the LoadOp that brings them back."""
     from kvtier.adapters.vllm.compat import RequestView

@@ -42,7 +42,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from heapq import heappop, heappush
+from heapq import heappop, heappush, heapreplace
 from typing import Any, ClassVar
 
 from sortedcontainers import SortedList
@@ -89,6 +89,7 @@ class EvictionPolicy(ABC):
         self._pins: Counter[Key] = Counter()
         self._tracks_removals = type(self)._on_remove is not EvictionPolicy._on_remove
         self._seq = 0
+        self._budget = 0  # the budget of the last plan (ARC bounds p and its ghosts by it)
         self.used_bytes = 0
 
     # -- inspection --------------------------------------------------------------------------------------------
@@ -224,6 +225,148 @@ class EvictionPolicy(ABC):
     def pinned_keys(self) -> list[Key]:
         """Every key pinned now (resident or not)."""
         return list(self._pins)
+
+    # -- the fused insert of a budgeted tier ----------------------------------------------------------------------
+
+    def insert_evict(
+        self, key: Key, parent: Key | None, nbytes: int, budget: int, *, tokens: int = 0, now: float | None = None
+    ) -> list[Key] | None:
+        """Insert a key that is not resident and evict what the budget then asks for; returns the victims.
+
+        Exactly ``add``, then ``plan_eviction(0, budget, protect={key})``,
+        then ``remove(victim, evicted=True)`` for each victim, or, with no
+        plan, ``remove(key)`` and None: what :class:`BudgetIndex` did in
+        three calls, fused into one for the common case (one victim, the top
+        of a heap): no protect set, no stale entry left behind (the victim's
+        entry is popped at once, and a parent it exposes takes its place in
+        the same heap with one ``heapreplace``). Any other case (sorted
+        segments, several victims, the new key or a pinned key in the way)
+        goes through the three calls themselves.
+        """
+        size = self._size
+        if self.sorted_segments or key in size or nbytes < 0:
+            return self._insert_evict_calls(key, parent, nbytes, budget, tokens, now)
+        if now is None:
+            now = self._clock()
+        # add(), inlined for a new key
+        self._parent[key] = parent
+        size[key] = nbytes
+        used = self.used_bytes = self.used_bytes + nbytes
+        children, listed, entries, heaps, inheap = self._children, self._listed, self._entry, self._heaps, self._inheap
+        segs = self._seg
+        if parent is not None:
+            children[parent] = children.get(parent, 0) + 1
+            if parent in listed:  # _unlist(parent), inlined
+                listed.discard(parent)
+                h = heaps[segs[parent]]
+                if h and h[-1] is entries[parent]:
+                    h.pop()
+                    self._heap_len -= 1
+                    del inheap[parent]
+        seg, rank = self._rank_new(key, parent, nbytes, tokens, None, now)
+        self._budget = budget  # as plan_eviction would record it (ARC bounds p and its ghosts by it)
+        segs[key] = seg
+        seg_bytes = self._seg_bytes
+        seg_bytes[seg] += nbytes
+        self._seq += 1
+        e = entries[key] = (*rank, self._seq, key)
+        if key not in children and key not in self._pins:
+            listed.add(key)
+            heappush(heaps[seg], e)
+            inheap[key] = e
+            self._heap_len += 1
+            if self._heap_len > 4 * len(listed) + 1024:
+                self._compact()
+                heaps = self._heaps
+        excess = used - budget
+        if excess <= 0:
+            return []
+        # the plan's first candidate, as plan_eviction's fast paths find it
+        nseg = self.segments
+        if nseg == 1:
+            h = heaps[0]
+            if h and not (h[0][-1] in listed and entries[h[0][-1]] is h[0]):
+                h = self._clean(0)
+            if not h:
+                return self._plan_and_remove(key, budget)
+            top = h[0]
+            s = 0
+        else:
+            heads: list[_Entry | None] = []
+            for i in range(nseg):
+                h = heaps[i]
+                if h and not (h[0][-1] in listed and entries[h[0][-1]] is h[0]):
+                    h = self._clean(i)
+                if h:
+                    if h[0][-1] == key:
+                        return self._plan_and_remove(key, budget)
+                    heads.append(h[0])
+                else:
+                    heads.append(None)
+            if heads.count(None) == nseg:
+                return self._plan_and_remove(key, budget)
+            s = self._choose(heads, seg_bytes[:], budget)
+            top = heads[s]
+            if top is None:
+                return self._plan_and_remove(key, budget)
+            h = heaps[s]
+        victim = top[-1]
+        if victim == key or size[victim] < excess:
+            return self._plan_and_remove(key, budget)
+        # remove(victim, evicted=True), inlined: the victim is a listed leaf at the top of heap s
+        if self._tracks_removals:
+            self._on_remove(victim, True)  # heap-mode hooks leave the heaps alone (see _on_remove)
+        listed.discard(victim)
+        nb = size.pop(victim)
+        seg_bytes[segs.pop(victim)] -= nb
+        del entries[victim]
+        inheap.pop(victim, None)
+        self.used_bytes -= nb
+        vp = self._parent.pop(victim)
+        relist = None
+        if vp is not None:
+            left = children.get(vp, 0) - 1
+            if left > 0:
+                children[vp] = left
+            else:
+                children.pop(vp, None)
+                if vp in size and vp not in self._pins and vp not in listed:
+                    relist = vp
+        if relist is None:
+            heappop(h)
+            self._heap_len -= 1
+        else:  # _relist(vp), inlined; its entry replaces the victim's when it goes to the same heap
+            pe = entries[relist]
+            listed.add(relist)
+            if inheap.get(relist) is pe:
+                heappop(h)
+                self._heap_len -= 1
+            else:
+                ps = segs[relist]
+                if ps == s:
+                    heapreplace(h, pe)
+                else:
+                    heappop(h)
+                    heappush(heaps[ps], pe)
+                inheap[relist] = pe
+        return [victim]
+
+    def _plan_and_remove(self, key: Key, budget: int) -> list[Key] | None:
+        """The rest of :meth:`insert_evict` after its ``add``, by the three calls."""
+        victims = self.plan_eviction(0, budget, protect={key})
+        if victims is None:
+            self.remove(key)
+            return None
+        for victim in victims:
+            self.remove(victim, evicted=True)
+        return victims
+
+    def _insert_evict_calls(
+        self, key: Key, parent: Key | None, nbytes: int, budget: int, tokens: int, now: float | None
+    ) -> list[Key] | None:
+        """:meth:`insert_evict` by the protocol's calls (the reference the fused path must equal)."""
+        self.add(key, parent, nbytes, tokens=tokens, now=now)
+        return self._plan_and_remove(key, budget)
 
     # -- planning ----------------------------------------------------------------------------------------------
 
@@ -388,7 +531,10 @@ class EvictionPolicy(ABC):
         """(segment, rank) of a resident key that was just hit."""
 
     def _on_remove(self, key: Key, evicted: bool) -> None:
-        """``key`` is about to leave (still resident); policies keeping ghosts or statistics look here."""
+        """``key`` is about to leave (still resident); policies keeping ghosts or statistics look here.
+
+        In heap mode (not :attr:`sorted_segments`) it must not re-rank keys: :meth:`insert_evict` pops the
+        victim's heap entry right after it."""
         return None
 
     # -- internals ---------------------------------------------------------------------------------------------

@@ -60,14 +60,11 @@ class BudgetIndex:
         if nbytes > self.budget:
             self.no_room += 1
             return None
-        policy.add(key, parent, nbytes, tokens=tokens, now=now)
-        victims = policy.plan_eviction(0, self.budget, protect={key})
+        # add, plan_eviction(0, budget, protect={key}), remove of each victim (or of the key without a plan)
+        victims = policy.insert_evict(key, parent, nbytes, self.budget, tokens=tokens, now=now)
         if victims is None:
-            policy.remove(key)
             self.no_room += 1
             return None
-        for victim in victims:
-            policy.remove(victim, evicted=True)
         self.evictions += len(victims)
         assert policy.used_bytes <= self.budget
         return victims

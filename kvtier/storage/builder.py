@@ -122,6 +122,7 @@ def build_backends(
                 name="node",
                 read_only=access.read_only,
                 policy=policy,
+                eviction=config.node.policy,
             )
         )
     if config.l2.enabled:

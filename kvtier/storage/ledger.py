@@ -230,7 +230,8 @@ class Ledger:
 
     def present(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Which keys have a complete file (reservations do not count). No change to anything."""
-        return [k in self.parents(keys) for k in keys]
+        found = self.parents(keys)  # one query per batch of keys (not per key: a lookup asks up to 255 at once)
+        return [k in found for k in keys]
 
     def parents(self, keys: Sequence[ChunkKey]) -> dict[ChunkKey, ChunkKey | None]:
         """The parent of each key that has a complete file (absent keys are left out)."""

@@ -8,7 +8,12 @@ its one byte budget, whatever the number of processes, are the folder's
 :class:`~kvtier.storage.ledger.Ledger`: ``contains`` asks the ledger (no
 in-process copy that could lag), ``put`` reserves bytes there and picks
 victims in one transaction before it writes, so the folder never holds more
-than the budget.
+than the budget. Which victims: this process's eviction policy (``node.policy``,
+default ``adaptive``, :mod:`kvtier.eviction`) orders the chunks it knows (the
+ones it wrote or read, and those in the folder when it started); its plan goes
+with each reservation as the ledger's preferred victims, with this process's
+pins as keys never to evict (as ``l2`` does; docs/eviction.md). Chunks only
+other processes know fall back to the ledger's least-recently-used order.
 
 Crash safety is the disk tier's: a chunk is written to a temporary file and
 renamed into place, every read verifies the header, the key, the length and
@@ -35,6 +40,7 @@ from pathlib import Path
 
 from kvtier.chunk import Chunk, encode_parts
 from kvtier.codec import Codec
+from kvtier.eviction import DEFAULT_POLICY, make_policy
 from kvtier.errors import ChunkAuthError, ChunkFormatError, ChunkVersionError, StorageError
 from kvtier.keys import ChunkKey
 from kvtier.security import ChunkPolicy
@@ -78,6 +84,7 @@ class NodeBackend:
         read_only: bool = False,
         read_threads: int | None = None,
         policy: ChunkPolicy | None = None,
+        eviction: str = DEFAULT_POLICY,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
@@ -99,6 +106,10 @@ class NodeBackend:
         self._stale = 0
         self._forged = 0
         self.policy = policy  # signs what is written, and judges every file read before it is decoded
+        self.eviction = eviction
+        # this process's view of the folder (under _lock): what it wrote, read, or found at start; its plan is
+        # the ledger's preferred victims, its pins the keys the ledger must keep
+        self._view = make_policy(eviction)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -125,6 +136,10 @@ class NodeBackend:
         except OSError as exc:
             raise StorageError(f"node tier {self.root}: cannot open: {exc.strerror or exc}") from exc
         entries, used, _ = self.ledger.totals()
+        with self._lock:
+            for key, parent, size in self.ledger.entries():  # least recently used first: the view's order too
+                if key not in self._view:
+                    self._view.add(key, parent, size)
         self._evictions += len(evicted)
         if evicted and self.on_removed is not None:
             self.on_removed(evicted)
@@ -157,14 +172,22 @@ class NodeBackend:
             return [None] * len(keys)
         todo = [(i, chunk_path(self.root, k, parents[k])) for i, k in enumerate(keys) if k in parents]
         found: list[Chunk | None] = [None] * len(keys)
+        sizes: dict[ChunkKey, int] = {}
         if len(todo) < 2 or self.read_threads < 2:
             got = [self._read(keys[i], path) for i, path in todo]
         else:
             got = list(self._pool().map(lambda t: self._read(keys[t[0]], t[1]), todo))
-        for (i, _), chunk in zip(todo, got, strict=True):
-            found[i] = chunk
+        for (i, _), read in zip(todo, got, strict=True):
+            if read is not None:
+                found[i], sizes[keys[i]] = read
         if not self.read_only:
-            self.ledger.touch([k for k, c in zip(keys, found, strict=True) if c is not None])
+            hits = [k for k, c in zip(keys, found, strict=True) if c is not None]
+            with self._lock:
+                for k in hits:  # written by another process: this one knows it now
+                    if k not in self._view:
+                        self._view.add(k, parents[k], sizes[k])
+                self._view.touch(hits)
+            self.ledger.touch(hits)
         return found
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -173,16 +196,18 @@ class NodeBackend:
                 self._readers = thread_pool(self.read_threads, f"kvtier-{self.name}-read")
             return self._readers
 
-    def _read(self, key: ChunkKey, path: Path) -> Chunk | None:
+    def _read(self, key: ChunkKey, path: Path) -> tuple[Chunk, int] | None:
+        """The verified chunk and its file's size, or None."""
         inode = None
         try:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
                 inode = st.st_ino
-                return map_chunk(f, st.st_size, key, self.policy)
+                return map_chunk(f, st.st_size, key, self.policy), st.st_size
         except FileNotFoundError:  # evicted or removed meanwhile: a plain miss
             if not self.read_only and not path.exists():
                 self.ledger.forget(key)  # a row left by a writer killed mid-eviction
+                self._unview([key])
                 if self.on_removed is not None:
                     self.on_removed([key])
         except (ChunkFormatError, OSError) as exc:
@@ -212,6 +237,7 @@ class NodeBackend:
         if not self.read_only:
             path.unlink(missing_ok=True)
             self.ledger.forget(key)
+            self._unview([key])
             if self.on_removed is not None:
                 self.on_removed([key])
 
@@ -231,11 +257,16 @@ class NodeBackend:
             log.warning("%s tier: cannot encode chunk %s with %s: %s", self.name, chunk.key.hex()[:16], self.codec, exc)
             return self._count_rejected()
         tmp = tmp_path(self.root, chunk.key)
+        size = len(header) + len(payload)
+        prefer, pinned = self._plan(chunk.key, chunk.parent, size)
         try:
-            reservation = self.ledger.reserve(chunk.key, chunk.parent, len(header) + len(payload), self.max_bytes, tmp)
+            reservation = self.ledger.reserve(
+                chunk.key, chunk.parent, size, self.max_bytes, tmp, prefer=prefer, protect=pinned
+            )
         except StorageError as exc:
             log.warning("%s tier: cannot reserve room for %s: %s", self.name, chunk.key.hex()[:16], exc)
             reservation = None
+        self._settle(chunk.key, prefer, reservation)
         if reservation is None:
             return self._count_rejected()
         if reservation.held:
@@ -250,6 +281,7 @@ class NodeBackend:
         except OSError as exc:
             log.warning("%s tier: write of %s failed: %s", self.name, chunk.key.hex()[:16], exc)
             self.ledger.abort(chunk.key)
+            self._unview([chunk.key])
             return self._count_rejected()
         try:
             committed = self.ledger.commit(chunk.key)  # False: our reservation is gone, the file is not counted
@@ -259,8 +291,66 @@ class NodeBackend:
         if not committed:
             path.unlink(missing_ok=True)
             self.ledger.abort(chunk.key)
+            self._unview([chunk.key])
             return self._count_rejected()
         return True
+
+    def _plan(self, key: ChunkKey, parent: ChunkKey | None, size: int) -> tuple[list[ChunkKey], list[ChunkKey]]:
+        """Put ``key`` in this process's view; the victims its policy would choose to keep the view within the
+        budget (the ledger takes them first, as many as it needs, then its own order), and the pins.
+
+        With one process writing the folder the view is the ledger's content
+        and its plan is what the ledger needs; with several, a view within the
+        budget plans nothing and the ledger falls back to its own
+        least-recently-used order.
+        """
+        with self._lock:
+            view = self._view
+            if key in view:
+                view.touch([key])
+            else:
+                view.add(key, parent, size)
+            protect = [key] + ([parent] if parent is not None else [])
+            prefer = view.plan_eviction(0, self.max_bytes, protect=protect) or []
+            return prefer, view.pinned_keys()
+
+    def _settle(self, key: ChunkKey, prefer: list[ChunkKey], reservation: object) -> None:
+        """After a reservation: its victims leave the view (evicted), the key too if it was refused; preferred
+        victims the ledger no longer had (another process evicted them) leave it as well."""
+        victims = [v for v, _ in reservation.victims] if reservation is not None else []  # type: ignore[attr-defined]
+        taken = set(victims)
+        left = [k for k in prefer if k not in taken]
+        gone: list[ChunkKey] = []
+        if left and len(taken) > len(prefer) - len(left):  # it evicted past preferred keys it skipped: gone ones?
+            try:
+                gone = [k for k, there in zip(left, self.ledger.present(left), strict=True) if not there]
+            except StorageError:
+                gone = []
+        with self._lock:
+            for v in victims:
+                self._view.remove(v, evicted=True)
+            for k in gone:
+                self._view.remove(k)
+            if reservation is None:
+                self._view.remove(key)
+
+    def _unview(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for k in keys:
+                self._view.remove(k)
+
+    def pin(self, keys: Sequence[ChunkKey]) -> None:
+        """Never evict these chunks (present now or later) from the folder, nor their ancestors, until as many
+        :meth:`unpin`. Kept by this process: the ledger honours them in this process's reservations (each writer
+        passes its own pins), so another process writing the folder may still evict them."""
+        with self._lock:
+            for k in keys:
+                self._view.pin(k)
+
+    def unpin(self, keys: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for k in keys:
+                self._view.unpin(k)
 
     def _count_rejected(self) -> bool:
         with self._lock:
@@ -271,6 +361,7 @@ class NodeBackend:
         """Remove keys and their files; a read-only tier keeps nothing of its own, so it removes nothing."""
         if self.read_only:
             return 0
+        self._unview(keys)
         try:
             return self.ledger.remove(keys)
         except StorageError as exc:
@@ -281,7 +372,9 @@ class NodeBackend:
         """Remove every chunk of the folder (all tenants: the folder is shared); returns how many."""
         if self.read_only:
             raise ValueError(f"node tier {self.root} is open read-only: clear is not allowed")
-        return self.ledger.remove([k for k, _, _ in self.ledger.entries()])
+        keys = [k for k, _, _ in self.ledger.entries()]
+        self._unview(keys)
+        return self.ledger.remove(keys)
 
     def keys_lru_order(self) -> list[ChunkKey]:
         """Keys from least to most recently used, across every process (for inspection and tests)."""

@@ -13,7 +13,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 @dataclass
 class LoadOp:
-    """Write kvtier's KV for positions [start, end) of ``tokens`` into the request's blocks."""
+    """Write kvtier's KV for positions [start, end) of ``tokens`` into the request's blocks.
+
+    ``tokens`` may go past ``end``, to the end of the chunk that holds position ``end - 1`` (a partial chunk's key
+    covers all of its tokens); nothing past ``end`` is written.
+    """
 
     req_id: str
     tokens: list[int]
@@ -29,6 +33,10 @@ class StoreOp:
 
     ``final``: the request has finished and its blocks are held for this store;
     the worker reports it in ``get_finished`` so vLLM frees them.
+    ``prompt_tokens``: how many of ``tokens`` are the prompt. When the prompt
+    ends inside a chunk and generated tokens follow, the worker also stores the
+    prompt's own trailing partial chunk, so that the same prompt sent again hits
+    all of it (but its last token) instead of stopping at its last full chunk.
     """
 
     req_id: str
@@ -36,6 +44,7 @@ class StoreOp:
     block_ids: list[int]
     cache_salt: str | None
     final: bool = False
+    prompt_tokens: int | None = None
 
 
 @dataclass

@@ -31,6 +31,7 @@ class _Tracked:
     request: RequestView
     block_ids: list[int] = field(default_factory=list)
     load_tokens: int = 0  # external tokens promised by the last after_alloc, not yet sent (synchronous loads)
+    load_chunk_end: int = 0  # where the chunks of that load end (past the promise when it cuts a chunk)
 
 
 class SchedulerSide:
@@ -45,7 +46,8 @@ class SchedulerSide:
         self.loading: dict[str, set[int]] = {}  # async loads the worker has not reported done -> their blocks
         self.failed: set[str] = set()  # requests whose load came back short: never offered a kvtier hit again
         self.finishing: list[StoreOp] = []
-        self.hits: dict[str, tuple[int, str]] = {}  # req id -> (vLLM's computed tokens, "l2:512+l3:256") at lookup
+        # req id -> (vLLM's computed tokens, "l2:512+l3:256", where the located chunks end) at lookup
+        self.hits: dict[str, tuple[int, str, int]] = {}
         log.info(
             "kvtier connector (scheduler): chunk_size %d, tiers %s, namespace %s, %s loads",
             self.chunk_size,
@@ -57,7 +59,9 @@ class SchedulerSide:
     def matched(self, request: RequestView, num_computed_tokens: int) -> tuple[int, bool]:
         """(kvtier tokens beyond vLLM's own ``num_computed_tokens``, whether they load asynchronously).
 
-        At most all prompt tokens but one (vLLM must compute the last one to sample).
+        At most all tokens but one (vLLM must compute the last one to sample). The lookup sees all of them:
+        a stored partial chunk that ends with the prompt (the same prompt sent again) is found and loaded but
+        for its last token.
         """
         if request.unsupported() is not None or request.id in self.failed:
             return 0, False  # after a short load vLLM may ask again (from 0): recompute, never loop on loads
@@ -68,13 +72,13 @@ class SchedulerSide:
             log.exception("request %s: kvtier lookup failed", request.id)
             return 0, False
         extra = max(0, found.num_tokens - num_computed_tokens)
-        self.hits[request.id] = (num_computed_tokens, found.tiers)
+        self.hits[request.id] = (num_computed_tokens, found.tiers, found.chunk_end)
         return extra, self.async_loads and extra > 0
 
     def after_alloc(self, request: RequestView, block_ids: list[int], num_external_tokens: int) -> None:
         """vLLM allocated ``block_ids`` (all the request's blocks) for ``num_external_tokens`` kvtier tokens."""
         tracked = self.tracked.setdefault(request.id, _Tracked(request))
-        local, tiers = self.hits.pop(request.id, (0, "?"))
+        local, tiers, chunk_end = self.hits.pop(request.id, (0, "?", 0))
         if not num_external_tokens:
             return
         log.info(
@@ -86,10 +90,11 @@ class SchedulerSide:
         )
         if not self.async_loads:
             tracked.load_tokens = num_external_tokens  # sent when the request is scheduled (build_meta)
+            tracked.load_chunk_end = chunk_end
             return
         end = local + num_external_tokens
         self.pending_loads.append(
-            LoadOp(request.id, request.tokens(end), local, end, list(block_ids), request.cache_salt)
+            LoadOp(request.id, request.tokens(max(end, chunk_end)), local, end, list(block_ids), request.cache_salt)
         )
         self.loading[request.id] = set(block_ids[local // self.settings.block_size :])
 
@@ -120,7 +125,7 @@ class SchedulerSide:
                 meta.loads.append(
                     LoadOp(
                         request.id,
-                        request.tokens(before),
+                        request.tokens(max(before, tracked.load_chunk_end)),
                         before - tracked.load_tokens,
                         before,
                         list(tracked.block_ids),
@@ -155,7 +160,9 @@ class SchedulerSide:
             n = n // self.chunk_size * self.chunk_size
         if n <= 0 or not block_ids:
             return False
-        self.finishing.append(StoreOp(request.id, request.tokens(n), list(block_ids), request.cache_salt, True))
+        self.finishing.append(
+            StoreOp(request.id, request.tokens(n), list(block_ids), request.cache_salt, True, request.num_prompt_tokens)
+        )
         return True
 
     def close(self) -> None:

@@ -19,11 +19,12 @@ With ``vllm.async_loads = false`` the same load runs inline before the forward.
 
 **Stores** (:class:`_Store`) happen once per request, when it finishes: the
 scheduler holds its blocks (``request_finished`` returns True) and the
-worker's store thread copies them out, chunk by chunk, and hands the chunks to
-the tiers; only then is the request reported as finished sending, so vLLM
-frees the blocks. The forward never waits for a store. The store queue is
-bounded in KV bytes (``vllm.store_queue_bytes``): a store that does not fit is
-dropped, counted, and its blocks are released at once.
+worker's store thread copies them out as they are (one gather per layer), then
+reports the request as finished sending, so vLLM frees the blocks; only then
+does it cut the copies into chunks and hand them to the tiers. The forward
+never waits for a store. The store queue is bounded in KV bytes
+(``vllm.store_queue_bytes``, which also bounds the copies): a store that does
+not fit is dropped, counted, and its blocks are released at once.
 
 Nothing here raises into vLLM: a kvtier fault is a recompute or a later miss.
 """
@@ -150,6 +151,7 @@ class WorkerSide:
         self._loaded: set[str] = set()  # async loads done, not yet reported
         self._stored: set[str] = set()  # finished requests whose blocks may be freed, not yet reported
         self._queued_bytes = 0
+        self._holding = 0  # queued stores whose blocks vLLM still holds for them
         self._progress = threading.Event()  # set when a load or a store ends (idle steps wait on it)
         self._loader = thread_pool(self.options.load_threads, "kvtier-load")
         self._store_queue: queue.Queue[_Store | None] = queue.Queue()
@@ -346,6 +348,7 @@ class WorkerSide:
             fits = self._queued_bytes == 0 or self._queued_bytes + nbytes <= int(self.options.store_queue_bytes)
             if fits:
                 self._queued_bytes += nbytes
+                self._holding += 1
             else:
                 self._stored.add(op.req_id)
         if not fits:
@@ -360,24 +363,49 @@ class WorkerSide:
             self._run_store(job)
 
     def _run_store(self, job: _Store) -> None:
+        """Copy the held blocks out (one gather per layer), hand them back to vLLM, then build and write the chunks.
+
+        vLLM's pool is small next to the requests it serves: a finished request's blocks are held only for the
+        raw copy, not for the chunk layout's transposes, checksums and tier writes.
+        """
         assert self.paged is not None
         op = job.op
+        released = False
         try:
-            source = PagedKV(self.paged, self.layers, op.block_ids, len(op.tokens))
-            result = self.engines.get(op.cache_salt).store(op.tokens, source)  # copies out of the blocks
+            held = op.block_ids[: -(-len(op.tokens) // self.paged.block_size)]
+            copies = self.paged.copy_blocks(self.layers, held)
+            self._release(op.req_id)
+            released = True
+            source = PagedKV(self.paged, copies, range(len(held)), len(op.tokens))
+            engine = self.engines.get(op.cache_salt)
+            stored = 0
+            prompt = op.prompt_tokens or 0
+            if engine.store_partial and 0 < prompt < len(op.tokens) and prompt % engine.chunk_size:
+                # the prompt's own trailing partial chunk (the answer's tokens give the next one another key):
+                # the same prompt again then hits all of it; the full chunks stored here are skipped below
+                stored += engine.store(op.tokens[:prompt], source).stored_chunks
+            stored += engine.store(op.tokens, source).stored_chunks  # copies out of the blocks
             with self._lock:
-                self.stats.stored_chunks += result.stored_chunks
-            if result.stored_chunks:
-                log.debug("request %s: stored %d chunks (%d tokens)", op.req_id, result.stored_chunks, len(op.tokens))
+                self.stats.stored_chunks += stored
+            if stored:
+                log.debug("request %s: stored %d chunks (%d tokens)", op.req_id, stored, len(op.tokens))
         except Exception:  # a failed store is a later miss, never a failed request
             log.exception("request %s: kvtier store failed", op.req_id)
         finally:
+            if not released:
+                self._release(op.req_id)
             with self._lock:
                 self._queued_bytes -= job.nbytes
-                self._stored.add(op.req_id)
             self._progress.set()
             self.metrics.store_queue_bytes.dec(job.nbytes)
             self.metrics.store_seconds.observe(time.perf_counter() - job.queued)
+
+    def _release(self, req_id: str) -> None:
+        """The held blocks of ``req_id`` are no longer read: reported in the next ``get_finished``."""
+        with self._lock:
+            self._stored.add(req_id)
+            self._holding -= 1
+        self._progress.set()
 
     # -- what vLLM polls each step -----------------------------------------------------------------------------
 
@@ -393,7 +421,7 @@ class WorkerSide:
         """
         if idle:
             with self._lock:
-                busy = (bool(self._loads) and not self._loaded) or (self._queued_bytes > 0 and not self._stored)
+                busy = (bool(self._loads) and not self._loaded) or (self._holding > 0 and not self._stored)
             if busy:
                 self._progress.wait(IDLE_WAIT_S)
         self._progress.clear()
