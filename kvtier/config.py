@@ -190,7 +190,7 @@ class VllmConfig(_Frozen):
     async_loads: bool = Field(default=True, description="load hits on kvtier's threads while vLLM steps other requests")
     load_threads: int = Field(default=2, gt=0, le=64, description="threads that load hits into vLLM's blocks")
     load_parts: int = Field(
-        default=2, gt=0, le=64, description="a load is split into up to this many chunk-aligned parts, run at once"
+        default=1, gt=0, le=64, description="a load is split into up to this many chunk-aligned parts, run at once"
     )
     load_deadline_s: float = Field(
         default=5.0, gt=0, description="a load still running after this long is cut short; vLLM recomputes the rest"
@@ -200,7 +200,7 @@ class VllmConfig(_Frozen):
         description="KV of finished requests waiting to be copied out of vLLM's blocks; beyond it stores are dropped",
     )
     quiet_idle_waits: bool = Field(
-        default=True,
+        default=False,
         description="on steps with nothing to compute (requests wait for loads), vLLM's processes wait for each "
         "other's messages asleep instead of spinning on them",
     )
