@@ -353,6 +353,7 @@ class Result:
     sent_at: float | None = None  # time.perf_counter() when the request was sent
     token_times: list[float] = field(default_factory=list)  # time.perf_counter() of every chunk with content
     stopped: bool = False  # the client closed the stream early (``chat(stop=...)``)
+    served_by: str | None = None  # the ``x-kvtier-instance`` header of a kvtier router's response
 
 
 def chat(
@@ -384,6 +385,7 @@ def chat(
         if resp.status_code != 200:
             resp.read()
             raise RuntimeError(f"HTTP {resp.status_code}: {resp.text[:300]}")
+        res.served_by = resp.headers.get("x-kvtier-instance")
         for line in resp.iter_lines():
             if not line.startswith("data:"):
                 continue

@@ -211,6 +211,7 @@ def p90(values: list[float]) -> float | None:
 def row(router: str, shared: bool, results: list[Result], before: list[dict], after: list[dict], wall: float) -> dict:
     ttfts = [r.ttft_s for r in results if r.ttft_s is not None and r.error is None]
     returning = [r.ttft_s for r in results if r.ttft_s is not None and r.error is None and r.round >= 1]
+    t0 = min((r.sent_at for r in results if r.sent_at is not None), default=None)
     tiers: dict[str, int] = {}
     for b, a in zip(before, after, strict=True):
         for tier, n in hit_tokens(b, a).items():
@@ -230,6 +231,19 @@ def row(router: str, shared: bool, results: list[Result], before: list[dict], af
         "prompt_tokens": sum(r.prompt_tokens or 0 for r in results),
         "errors": sum(1 for r in results if r.error),
         "wall_s": wall,
+        "per_request": [
+            {
+                "user": r.user,
+                "round": r.round,
+                "sent_s": None if r.sent_at is None or t0 is None else round(r.sent_at - t0, 3),
+                "ttft_s": r.ttft_s,
+                "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": r.cached_tokens,
+                "instance": r.served_by,
+                "error": r.error,
+            }
+            for r in sorted(results, key=lambda r: (r.round, r.user))
+        ],
     }
 
 

@@ -652,6 +652,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--cache-gb", type=float, default=4.0, help="kvtier l1.max_bytes and LMCache --l1-size-gb")
     p.add_argument("--kvtier-set", action="append", default=[], metavar="KEY=VALUE", help="kvtier --set, every start")
+    p.add_argument(
+        "--vllm-arg",
+        action="append",
+        default=[],
+        metavar="'FLAG [VALUE]'",
+        help="a vLLM server flag for every system (e.g. '--long-prefill-token-threshold 256'); repeatable",
+    )
     p.add_argument("--kvtier-full-reset", metavar="CMD", help="shell command run before kvtier's full restart")
     p.add_argument("--lmcache-venv", type=Path, default=None, help="LMCache's venv (default ~/.cache/kvtier/peers/...)")
     p.add_argument("--log-dir", type=Path, help="server logs (default: next to --json)")
@@ -698,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         kvtier_set=args.kvtier_set,
         kvtier_full_reset=args.kvtier_full_reset,
         lmcache_venv=args.lmcache_venv or DEFAULT_LMCACHE_VENV,
+        vllm_extra=[a for arg in args.vllm_arg for a in arg.split()],
     )
     config = {
         "model": MODEL,

@@ -57,9 +57,10 @@ class StackOptions:
     kvtier_set: list[str] = field(default_factory=list)
     kvtier_full_reset: str | None = None
     lmcache_venv: Path = DEFAULT_LMCACHE_VENV
+    vllm_extra: list[str] = field(default_factory=list)  # more vLLM server flags, the same for every system
 
     def vllm_args(self) -> list[str]:
-        args = ["--enable-prompt-tokens-details", "--disable-uvicorn-access-log"]
+        args = ["--enable-prompt-tokens-details", "--disable-uvicorn-access-log", *self.vllm_extra]
         return args + (["--num-gpu-blocks-override", str(self.gpu_blocks)] if self.gpu_blocks else [])
 
 

@@ -296,7 +296,8 @@ class RouterConfig(_Frozen):
     An instance's score, in prompt tokens, is ``hit - beta * load``: ``hit`` the leading prompt tokens
     its own tiers hold (plus ``shared_credit`` times the further ones only the shared Redis tier holds),
     ``load`` the prefill tokens queued there (requests routed there still waiting for a first token,
-    less their hits) plus ``decode_tokens_per_request`` per request in flight.
+    less their hits, less what the instance has done of them at its prefill rate, learned online from
+    streamed first tokens) plus ``decode_tokens_per_request`` per decoding request.
     """
 
     host: str = "127.0.0.1"
@@ -305,7 +306,17 @@ class RouterConfig(_Frozen):
     policy: Literal["kvtier", "round_robin"] = "kvtier"
     beta: float = Field(default=1.0, ge=0, description="weight of an instance's queued work against a prefix hit")
     shared_credit: float = Field(default=0.5, ge=0, le=1, description="weight of tokens held only in l3")
-    decode_tokens_per_request: int = Field(default=128, ge=0, description="a request in flight as prefill tokens")
+    decode_tokens_per_request: int = Field(
+        default=8, ge=0, description="a decoding request as prefill tokens (its token in the next prefill's step)"
+    )
+    sent_hint_s: float = Field(
+        default=30.0, ge=0, description="a finished request's prompt counts as held there this long (0: never)"
+    )
+    sent_hint_block: int = Field(default=256, gt=0, description="such a hint counts in whole blocks (chunk_size)")
+    sent_hint_max: int = Field(default=256, ge=0, description="prompts kept per instance as such hints (0: none)")
+    rate_decay: float = Field(
+        default=0.9, ge=0, lt=1, description="weight of the older samples in each instance's learned prefill rate"
+    )
     local_media: list[str] = Field(default_factory=lambda: ["l1", "node", "l2"])
     shared_media: list[str] = Field(default_factory=lambda: ["l3"])
     stale_after_s: float = Field(default=30.0, gt=0, description="an index unrepaired after a gap this long: stale")

@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvtier.config import RouterInstance
+from kvtier.router.backends import Backend
 from kvtier.router.scoring import Candidate, rank
 from tests.redis_servers import free_port
 
@@ -171,13 +173,69 @@ def test_second_turns_follow_the_prefix_and_a_dead_instance_is_routed_around(fle
 
 def test_rank_trades_hit_against_load() -> None:
     kw = {"beta": 1.0, "shared_credit": 0.5, "decode_tokens_per_request": 128}
-    warm = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=2, queued_prefill_tokens=1000)
+    warm = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=3, queued_prefill_tokens=1000, decoding=2)
     idle = Candidate("b", local_tokens=0, shared_tokens=0, in_flight=0, queued_prefill_tokens=0)
     assert [c.name for c, _ in rank([warm, idle], **kw)] == ["a", "b"]  # 1500 - 1256 > 0
-    busy = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=3, queued_prefill_tokens=1600)
+    busy = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=4, queued_prefill_tokens=1600, decoding=3)
     assert [c.name for c, _ in rank([busy, idle], **kw)] == ["b", "a"]  # 1500 - 1984 < 0: waiting costs more
+    # requests still waiting for their first token count by their queued tokens alone, not again as decodes
+    queued = Candidate("a", local_tokens=1500, shared_tokens=0, in_flight=4, queued_prefill_tokens=1400)
+    assert rank([queued, idle], **kw)[0][0].name == "a"
     shared = Candidate("b", local_tokens=0, shared_tokens=1000, in_flight=0, queued_prefill_tokens=0)
     cold = Candidate("c", local_tokens=0, shared_tokens=0, in_flight=0, queued_prefill_tokens=0)
     assert rank([cold, shared], **kw)[0][0].name == "b"  # a Redis hit is worth half a local one
     assert [c.name for c, _ in rank([cold, idle], **kw)] == ["c", "b"]  # a tie keeps the given (rotated) order
     assert rank([], **kw) == []
+
+
+def test_backend_load_learns_the_prefill_rate_and_discounts_work_in_progress() -> None:
+    now = [100.0]
+    b = Backend(RouterInstance(url="http://x"), rate_decay=0.5, clock=lambda: now[0])
+    first = b.dispatched(1000)
+    second = b.dispatched(500)
+    assert (b.in_flight, b.decoding, b.queued_prefill_tokens) == (2, 0, 1500)  # no rate known: the whole queue
+    now[0] += 2.0
+    b.first_token(first, learn=True)  # 1000 tokens in 2 s: 500 tokens/s
+    assert b.prefill_tokens_per_s == pytest.approx(500.0)
+    assert (b.in_flight, b.decoding, b.queued_prefill_tokens) == (2, 1, 500)
+    now[0] += 0.5  # half of the second request's 500 tokens done by now
+    assert b.queued_prefill_tokens == 250
+    now[0] += 5.0  # overdue: nothing is left that the rate can tell of, never below 0
+    assert b.queued_prefill_tokens == 0
+    b.first_token(second, learn=False)  # a non-streamed answer: no rate sample
+    assert b.prefill_tokens_per_s == pytest.approx(500.0)
+    assert (b.busy_since, b.pending, b.decoding) == (None, {}, 2)
+    third = b.dispatched(300)
+    now[0] += 0.3
+    b.first_token(third, learn=True)  # 300 tokens in 0.3 s: 1000 tokens/s, weighted with the older sample
+    assert b.prefill_tokens_per_s == pytest.approx((0.5 * 1000 + 300) / (0.5 * 2.0 + 0.3))
+    for h in (first, second, third):
+        b.finished(h, started=True)
+    gone = b.dispatched(800)
+    b.finished(gone, started=False)  # never started (connection refused): it leaves no trace
+    assert (b.in_flight, b.decoding, b.queued_prefill_tokens, b.busy_since) == (0, 0, 0, None)
+
+
+def test_backend_remembers_the_prompts_sent_there_until_their_stores_can_have_reached_the_index() -> None:
+    now = [0.0]
+    b = Backend(RouterInstance(url="http://x"), clock=lambda: now[0])
+    alice = tuple(range(1000))
+    h = b.dispatched(1000, alice, "alice", max_sent=4)
+    turn2 = (*alice, 7, 8, 9)
+    assert b.sent_match(turn2, "alice") == 1000  # in flight: its engine holds (or is computing) the prefix
+    assert b.sent_match(turn2, "alice", block=256) == 768  # counted in whole blocks, as the index counts chunks
+    assert b.sent_match(turn2, "bob") == 0  # another tenant's prompt is no hit
+    assert b.sent_match((*alice[:5], 99, *alice[6:]), "alice", block=4) == 4  # only the leading common tokens
+    b.first_token(h, learn=True)
+    b.finished(h, started=True, sent_life_s=30.0)
+    now[0] = 29.0
+    assert b.sent_match(turn2, "alice") == 1000
+    now[0] = 31.0  # expired: by now the index has its chunks (or they are gone)
+    assert b.sent_match(turn2, "alice") == 0 and b.sent == {}
+    never = b.dispatched(1000, alice, "alice", max_sent=4)
+    b.finished(never, started=False, sent_life_s=30.0)  # it never reached the engine: no hint
+    assert b.sent_match(turn2, "alice") == 0
+    for i in range(6):  # at most max_sent prompts are kept, the oldest dropped first
+        b.dispatched(10, (i, *range(300)), None, max_sent=4)
+    assert len(b.sent) == 4
+    assert b.sent_match((0, *range(300)), None) == 0 and b.sent_match((5, *range(300)), None) == 301

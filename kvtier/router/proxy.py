@@ -23,6 +23,8 @@ import contextlib
 import itertools
 import json
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvtier.config import RouterConfig
 from kvtier.router.backends import Backend
-from kvtier.router.scoring import Candidate, rank
+from kvtier.router.scoring import Candidate, hit_tokens, rank
 from kvtier.storage.events import EventSubscriber
 
 log = logging.getLogger("kvtier.router")
@@ -48,13 +50,15 @@ class Router:
         if not config.instances:
             raise ValueError("the router needs at least one instance (router.instances or --instance)")
         self.config = config
-        self.backends = [Backend(i) for i in config.instances]
+        self.backends = [Backend(i, rate_decay=config.rate_decay) for i in config.instances]
         self._rr = itertools.count()
         self._http: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
         self.routed = 0
         self.no_tokens = 0  # requests routed on load alone (tokenize failed)
         self.index_fallbacks = 0  # instance hits taken from the admin lookup or taken as 0 (stale or no index)
+        self.sent_hints = 0  # instance hits taken from the prompts sent there (the index did not know them yet)
+        self.decisions: deque[dict[str, Any]] = deque(maxlen=256)  # the latest scored requests (/router/stats)
 
     async def start(self) -> None:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
@@ -161,15 +165,16 @@ class Router:
                 best = max(best, b.subscriber.index.match_any(tokens, self.config.shared_media, cache_salt=salt))
         return best
 
-    async def order(self, path: str, body: dict[str, Any]) -> tuple[list[Backend], int]:
-        """Healthy instances, best first, and the prompt's token count (0 if unknown)."""
+    async def order(self, path: str, body: dict[str, Any]) -> tuple[list[tuple[Backend, int]], tuple[int, ...]]:
+        """Healthy instances, best first, each with the prompt tokens it would prefill (0 if unknown), and
+        the prompt's token ids (empty if unknown)."""
         healthy = self.healthy()
         if not healthy:
-            return [], 0
+            return [], ()
         start = next(self._rr) % len(healthy)
         rotated = healthy[start:] + healthy[:start]
         if self.config.policy == "round_robin":
-            return rotated, 0
+            return [(b, 0) for b in rotated], ()
         tokens = await self._tokens(path, body, rotated)
         if tokens is None:
             self.no_tokens += 1
@@ -177,9 +182,12 @@ class Router:
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         hits = await asyncio.gather(*(self._hit(b, tokens, salt, body.get("model")) for b in rotated))
         shared = self._shared(tokens, salt) if tokens else 0
+        key = tuple(tokens)
+        sent = [b.sent_match(key, salt, self.config.sent_hint_block) if key else 0 for b in rotated]
+        self.sent_hints += sum(1 for s, (local, _) in zip(sent, hits, strict=True) if s > local)
         cands = [
-            Candidate(str(i), local, max(sh, shared), b.in_flight, b.queued_prefill_tokens)
-            for i, (b, (local, sh)) in enumerate(zip(rotated, hits, strict=True))
+            Candidate(str(i), max(local, s), max(sh, shared), b.in_flight, b.queued_prefill_tokens, b.decoding)
+            for i, (b, (local, sh), s) in enumerate(zip(rotated, hits, sent, strict=True))
         ]
         ranked = rank(
             cands,
@@ -187,8 +195,27 @@ class Router:
             shared_credit=self.config.shared_credit,
             decode_tokens_per_request=self.config.decode_tokens_per_request,
         )
-        best = ranked[0][0]
-        return [rotated[int(c.name)] for c, _ in ranked], len(tokens) - best.local_tokens
+        self.decisions.append(
+            {
+                "t": round(time.time(), 3),
+                "prompt_tokens": len(tokens),
+                "candidates": [
+                    {
+                        "url": rotated[int(c.name)].url,
+                        "local_tokens": c.local_tokens,
+                        "sent_tokens": sent[int(c.name)],
+                        "shared_tokens": c.shared_tokens,
+                        "in_flight": c.in_flight,
+                        "decoding": c.decoding,
+                        "queued_prefill_tokens": c.queued_prefill_tokens,
+                        "score": round(sc, 1),
+                    }
+                    for c, sc in ranked
+                ],
+            }
+        )
+        credit = self.config.shared_credit
+        return [(rotated[int(c.name)], round(len(tokens) - hit_tokens(c, credit))) for c, _ in ranked], key
 
     # -- forwarding --------------------------------------------------------------------------------------------
 
@@ -199,28 +226,28 @@ class Router:
             return JSONResponse({"error": {"message": f"request body is not valid JSON: {exc}"}}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": {"message": "request body must be a JSON object"}}, status_code=400)
-        ranked, prefill = await self.order(path, body)
+        ranked, tokens = await self.order(path, body)
+        salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         if not ranked:
             return JSONResponse({"error": {"message": "no healthy instance"}}, status_code=503)
+        streamed = body.get("stream") is True
         fwd_headers = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
-        for b in ranked:
+        for b, prefill in ranked:
             if not b.healthy:
                 continue
-            b.in_flight += 1
-            b.queued_prefill_tokens += prefill
+            handle = b.dispatched(prefill, tokens, salt, self.config.sent_hint_max)
             req = self.http.build_request("POST", f"{b.url}{path}", content=raw, headers=fwd_headers)
             try:
                 resp = await self.http.send(req, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
-                b.in_flight -= 1
-                b.queued_prefill_tokens -= prefill
+                b.finished(handle, started=False)
                 b.retried_away += 1
                 b.mark_dead(f"{type(exc).__name__}: {exc}", self.config.unhealthy_after)
                 continue
             b.requests += 1
             self.routed += 1
             return StreamingResponse(
-                self._relay(b, resp, prefill),
+                self._relay(b, resp, handle, streamed and resp.status_code == 200),
                 status_code=resp.status_code,
                 headers={
                     **{k: v for k, v in resp.headers.items() if k.lower() in _PASS_HEADERS},
@@ -229,18 +256,18 @@ class Router:
             )
         return JSONResponse({"error": {"message": "every instance failed to take the request"}}, status_code=503)
 
-    async def _relay(self, b: Backend, resp: httpx.Response, prefill: int) -> AsyncIterator[bytes]:
-        first = True
+    async def _relay(self, b: Backend, resp: httpx.Response, handle: int, learn: bool) -> AsyncIterator[bytes]:
+        """Pass the response through; its first bytes end the request's prefill (a streamed 200's first
+        bytes come with its first token: a sample of the instance's prefill rate)."""
+        started = False
         try:
             async for chunk in resp.aiter_raw():
-                if first:
-                    b.queued_prefill_tokens -= prefill
-                    first = False
+                if not started:
+                    b.first_token(handle, learn)
+                    started = True
                 yield chunk
         finally:
-            if first:
-                b.queued_prefill_tokens -= prefill
-            b.in_flight -= 1
+            b.finished(handle, started, self.config.sent_hint_s)
             await resp.aclose()
 
     async def get(self, path: str) -> Response:
@@ -258,7 +285,9 @@ class Router:
             "routed": self.routed,
             "routed_on_load_only": self.no_tokens,
             "index_fallbacks": self.index_fallbacks,
+            "sent_hints": self.sent_hints,
             "instances": [b.snapshot() for b in self.backends],
+            "recent": list(self.decisions),
         }
 
 

@@ -15,6 +15,7 @@ class Candidate:
     shared_tokens: int  # leading prompt tokens the shared tier (Redis) holds, as far as anyone knows
     in_flight: int
     queued_prefill_tokens: int  # prompt tokens it has yet to prefill for requests still waiting for a first token
+    decoding: int = 0  # requests past their first token, still generating
 
 
 def hit_tokens(c: Candidate, shared_credit: float) -> float:
@@ -24,9 +25,10 @@ def hit_tokens(c: Candidate, shared_credit: float) -> float:
 
 
 def load_tokens(c: Candidate, decode_tokens_per_request: int) -> float:
-    """The work ahead of a new request there, in prefill tokens: queued prefills, and each request in flight
-    as ``decode_tokens_per_request`` tokens (a running decode shares the engine's steps)."""
-    return c.queued_prefill_tokens + decode_tokens_per_request * c.in_flight
+    """The work ahead of a new request there, in prefill tokens: queued prefills, and each decoding request
+    as ``decode_tokens_per_request`` tokens (a running decode adds a token to each of the engine's steps,
+    the new request's prefill step included)."""
+    return c.queued_prefill_tokens + decode_tokens_per_request * c.decoding
 
 
 def score(c: Candidate, *, beta: float, shared_credit: float, decode_tokens_per_request: int) -> float:
