@@ -349,6 +349,13 @@ class KvtierConfig(_Frozen):
     store_partial: bool = Field(default=True, description="store the trailing partial chunk of a sequence")
     store_generated: bool = Field(default=True, description="also store the KV of generated tokens (HF adapter)")
     write_queue_bytes: PositiveBytes = ByteSize(10**9)
+    store_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="OS niceness added to the threads that build and write stored chunks (the vLLM worker's store "
+        "thread, the write-behind), so stores yield the CPU to the engine's forward pass; 0: the engine's priority",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     l1: L1Config = L1Config()
     node: NodeConfig = NodeConfig()

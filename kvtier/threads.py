@@ -12,12 +12,20 @@ Every long-lived kvtier thread therefore calls :func:`spread_current_thread`
 first: it may run on any CPU the machine lets the process use, and the
 kernel's scheduler places it. Where affinity cannot be set (not Linux, or a
 CPU set that refuses it) the thread keeps what it inherited.
+
+Stores are background work: nothing waits for them but the next request that
+could hit. The threads that build and write stored chunks (the vLLM worker's
+store thread, the tier stack's write-behind) can therefore run at a lower OS
+priority (:func:`lower_current_thread`, ``store_nice`` in the config), so that
+on a machine with few cores they take the CPU the engine's forward pass
+leaves idle instead of sharing it with the prefill.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -69,11 +77,29 @@ def spread_current_thread() -> None:
         log.debug("kvtier thread keeps its inherited CPU affinity: %s", exc)
 
 
-def spread(target: Callable[[], None]) -> Callable[[], None]:
-    """``target`` run after :func:`spread_current_thread` (for ``threading.Thread(target=...)``)."""
+def lower_current_thread(nice: int) -> None:
+    """Add ``nice`` (0-19) to the calling thread's OS niceness, capped at 19 (a no-op for 0 or off Linux).
+
+    Linux keeps a niceness per thread (``setpriority`` on the thread's id), so
+    the rest of the process keeps its priority. Raising niceness needs no
+    privilege; where it is refused anyway the thread keeps its priority.
+    """
+    if nice <= 0 or not hasattr(os, "setpriority") or not os.path.isdir("/proc/self/task"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:
+        log.debug("kvtier thread keeps its OS priority: %s", exc)
+
+
+def spread(target: Callable[[], None], *, nice: int = 0) -> Callable[[], None]:
+    """``target`` run after :func:`spread_current_thread` and ``lower_current_thread(nice)``
+    (for ``threading.Thread(target=...)``)."""
 
     def run() -> None:
         spread_current_thread()
+        lower_current_thread(nice)
         target()
 
     return run

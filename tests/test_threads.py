@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from kvtier.threads import machine_cpus, parse_cpu_list, spread, thread_pool
+from kvtier.threads import lower_current_thread, machine_cpus, parse_cpu_list, spread, thread_pool
 
 
 def test_parse_cpu_list() -> None:
@@ -41,3 +41,40 @@ def test_threads_started_from_a_pinned_thread_run_on_every_cpu() -> None:
     assert seen["plain"] == {min(cpus)}  # inherited: why kvtier's threads must spread themselves
     assert seen["spread"] == set(cpus)
     assert seen["pool"] == set(cpus)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread niceness is Linux's")
+def test_store_threads_run_niced_and_leave_the_rest_of_the_process_alone() -> None:
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = nice_of_this_thread()
+    seen: dict[str, int] = {}
+    niced = threading.Thread(target=spread(lambda: seen.setdefault("niced", nice_of_this_thread()), nice=5))
+    plain = threading.Thread(target=spread(lambda: seen.setdefault("plain", nice_of_this_thread())))
+    for t in (niced, plain):
+        t.start()
+        t.join()
+    assert seen == {"niced": min(19, base + 5), "plain": base}
+    assert nice_of_this_thread() == base  # the caller (the engine's thread) keeps its priority
+    lower_current_thread(0)  # 0: nothing changes
+    assert nice_of_this_thread() == base
+
+
+def test_the_tier_stacks_write_behind_runs_at_the_configured_niceness(tmp_path) -> None:
+    from kvtier.config import load_config
+    from kvtier.storage import TierAccess, build_tiers
+
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("per-thread niceness is Linux's")
+    config = load_config(overrides={"l2.path": str(tmp_path / "l2"), "node.enabled": False, "store_nice": 7})
+    stack = build_tiers(config, TierAccess.shared())
+    stack.start()
+    try:
+        assert stack._writer is not None
+        tid = stack._writer.native_id
+        assert tid is not None
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + 7)
+    finally:
+        stack.close()

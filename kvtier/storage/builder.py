@@ -189,5 +189,10 @@ def build_tiers(
             max_queue=e.max_queue,
         )
     return TierStack(
-        backends, write_queue_bytes=int(config.write_queue_bytes), metrics=metrics, events=events, policy=policy
+        backends,
+        write_queue_bytes=int(config.write_queue_bytes),
+        metrics=metrics,
+        events=events,
+        policy=policy,
+        store_nice=config.store_nice,
     )

@@ -134,6 +134,7 @@ class TierStack:
         metrics: KvtierMetrics | None = None,
         policy: ChunkPolicy | None = None,
         events: TierEvents | None = None,
+        store_nice: int = 0,
     ) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
@@ -162,6 +163,7 @@ class TierStack:
         self._dropped_writes = 0
         self._write_errors = 0
         self._writer: threading.Thread | None = None
+        self._store_nice = store_nice  # the write-behind's added OS niceness (kvtier/threads.py)
         self.events = events if events is not None else TierEvents()
         if events is not None:
             for tier, writable in zip(self.tiers, self._writable, strict=True):
@@ -187,7 +189,9 @@ class TierStack:
         for t in self.tiers:
             t.start()
         if self._writer is None and self._background():
-            self._writer = threading.Thread(target=spread(self._write_loop), name="kvtier-write-behind", daemon=True)
+            self._writer = threading.Thread(
+                target=spread(self._write_loop, nice=self._store_nice), name="kvtier-write-behind", daemon=True
+            )
             self._writer.start()
 
     def close(self) -> None:

@@ -155,7 +155,9 @@ class WorkerSide:
         self._progress = threading.Event()  # set when a load or a store ends (idle steps wait on it)
         self._loader = thread_pool(self.options.load_threads, "kvtier-load")
         self._store_queue: queue.Queue[_Store | None] = queue.Queue()
-        self._storer = threading.Thread(target=spread(self._store_loop), name="kvtier-store", daemon=True)
+        self._storer = threading.Thread(
+            target=spread(self._store_loop, nice=settings.config.store_nice), name="kvtier-store", daemon=True
+        )
         self._storer.start()
         self._metrics = MetricsEndpoint(self.base.metrics, settings.metrics_port)
         self._admin = self._start_admin()
