@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -75,6 +76,9 @@ def test_the_tier_stacks_write_behind_runs_at_the_configured_niceness(tmp_path) 
         tid = stack._writer.native_id
         assert tid is not None
         base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        deadline = time.monotonic() + 10  # the thread lowers itself once it runs: wait for it to have started
+        while os.getpriority(os.PRIO_PROCESS, tid) == base and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert os.getpriority(os.PRIO_PROCESS, tid) == min(19, base + 7)
     finally:
         stack.close()
